@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh Linux machine with Python 3.10+:
+#   make train   create .venv, install minillm, train the default GPT (configs/pydocs_char.toml)
+#   make test    create .venv, install minillm with test tools and MPI, run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: train test install install-dev clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[mpi]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[mpi,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+train: install
+	$(BIN)/minillm train configs/pydocs_char.toml $(ARGS)
+
+test: install-dev
+	$(BIN)/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,2 @@
+"""The GPT model."""
+from minillm.model.gpt import GPTConfig  # noqa: F401
