@@ -1,0 +1,61 @@
+"""Function (one differentiable op) and Context (what forward saves for backward).
+
+An op is a subclass of Function with two static methods side by side:
+
+    class Mul(Function):
+        @staticmethod
+        def forward(ctx, a, b):          # plain xp arrays in, one xp array out
+            ctx.save_for_backward(a, b)
+            return a * b
+        @staticmethod
+        def backward(ctx, grad):         # dL/d(out) in, dL/d(input) for every input out
+            a, b = ctx.saved_tensors
+            return grad * b, grad * a
+
+``Mul.apply(x, y)`` unwraps the Tensors, runs forward, and, when a gradient is needed, records
+the Context as the new Tensor's ``_ctx`` so that backward can walk the graph. Backward may return
+a gradient with a broadcast shape; the engine sums it back to each input's shape.
+"""
+from minillm.autograd import tensor as _tensor
+
+
+class Context:
+    """Per-call scratch space of a Function: saved arrays plus any attributes forward sets."""
+
+    def __init__(self, fn, parents):
+        self.fn = fn                      # the Function class
+        self.parents = parents            # the inputs (Tensors or constants), in order
+        self.saved_tensors = ()
+        self.needs_input_grad = tuple(isinstance(p, _tensor.Tensor) and p.requires_grad
+                                      for p in parents)
+
+    def save_for_backward(self, *arrays):
+        self.saved_tensors = arrays
+
+
+class Function:
+    """Base class of every differentiable op (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs, **kwargs):
+        Tensor = _tensor.Tensor
+        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
+        ctx = Context(cls, inputs)
+        out = cls.forward(ctx, *arrays, **kwargs)
+        requires_grad = _tensor.is_grad_enabled() and any(ctx.needs_input_grad)
+        result = Tensor(out, requires_grad=requires_grad, _check=False)
+        if requires_grad:
+            result._ctx = ctx
+        return result
+
+    @classmethod
+    def name(cls):
+        return cls.__name__

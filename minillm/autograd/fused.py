@@ -1,0 +1,274 @@
+"""Fused ops with hand-written backward: the hot spots of a Transformer.
+
+Each is one Function whose forward computes the whole formula and caches what backward needs
+(llm.c style: forward -> cache, backward(dout, cache)). Composing them from primitives would be
+correct too, but slower and hungrier: a layer norm from primitives keeps ~8 intermediate arrays
+alive, the fused one keeps 2. Statistics (softmax, normalisation, the loss) are computed in
+float32 even when activations are float16/bfloat16 (mixed precision).
+"""
+import math
+
+from minillm.autograd.function import Function
+from minillm.autograd.ops import mm
+from minillm.backend import xp
+
+
+def _f32(a):
+    """float32 view of a half-precision array (statistics are never taken in 16 bits)."""
+    return a.astype(xp.float32) if a.dtype.itemsize < 4 else a
+
+
+class Linear(Function):
+    """y = x @ W.T + b with W stored (out_features, in_features), as in PyTorch/GPT-2."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: input of shape {x.shape} has {x.shape[-1]} features but the "
+                             f"weight of shape {w.shape} expects {w.shape[1]}")
+        x2 = x.reshape(-1, x.shape[-1])                      # (N, in), N = B*T: one big GEMM
+        y = mm(x2, w.T)                                       # (N, out)
+        if b is not None:
+            y += b
+        ctx.save_for_backward(x2, w)
+        ctx.x_shape = x.shape
+        return y.reshape(x.shape[:-1] + (w.shape[0],))        # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w = ctx.saved_tensors
+        need_x, need_w, need_b = (ctx.needs_input_grad + (False,))[:3]
+        g2 = g.reshape(-1, g.shape[-1])                       # (N, out)
+        gx = mm(g2, w).reshape(ctx.x_shape) if need_x else None
+        gw = mm(g2.T, x2) if need_w else None                 # (out, in)
+        gb = g2.sum(axis=0) if need_b else None
+        return gx, gw, gb
+
+
+class Softmax(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        out = _f32(x) - x.max(axis=axis, keepdims=True)
+        xp.exp(out, out=out)
+        out /= out.sum(axis=axis, keepdims=True)
+        out = out.astype(x.dtype, copy=False)
+        ctx.save_for_backward(out)
+        ctx.axis = axis
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return out * (g - (g * out).sum(axis=ctx.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        shifted = _f32(x) - x.max(axis=axis, keepdims=True)
+        out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        out = out.astype(x.dtype, copy=False)
+        ctx.save_for_backward(out)
+        ctx.axis = axis
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g - xp.exp(out) * g.sum(axis=ctx.axis, keepdims=True)
+
+
+class CrossEntropy(Function):
+    """Mean over non-ignored rows of -log softmax(logits)[target], in one stable pass.
+
+    logits (..., V), targets (...) integers; rows whose target == ignore_index count for nothing.
+    Backward is (softmax - onehot) / n_valid: no log-probabilities are ever materialised twice.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index=-100):
+        V = logits.shape[-1]
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"cross_entropy: targets of shape {targets.shape} do not match logits "
+                             f"of shape {logits.shape} (expected {logits.shape[:-1]})")
+        x = _f32(logits).reshape(-1, V)                       # (N, V)
+        t = targets.reshape(-1)                               # (N,)
+        valid = t != ignore_index
+        t_safe = xp.where(valid, t, 0)
+        if t_safe.size and (int(t_safe.max()) >= V or int(t_safe.min()) < 0):
+            raise ValueError(f"cross_entropy: target ids must be in [0, {V}) (or ignore_index)")
+        probs = x - x.max(axis=1, keepdims=True)              # shifted logits, (N, V)
+        xp.exp(probs, out=probs)
+        sums = probs.sum(axis=1, keepdims=True)               # (N, 1)
+        probs /= sums
+        rows = xp.arange(t.shape[0])
+        logp = xp.log(probs[rows, t_safe])                    # log-prob of each target, (N,)
+        n = max(int(valid.sum()), 1)
+        loss = -(logp * valid).sum() / n
+        ctx.save_for_backward(probs, t_safe, valid)
+        ctx.n, ctx.shape, ctx.dtype = n, logits.shape, logits.dtype
+        return xp.asarray(loss, dtype=x.dtype)  # float32, or float64 in gradchecks
+
+    @staticmethod
+    def backward(ctx, g):
+        probs, t, valid = ctx.saved_tensors
+        d = probs.copy()                                      # (N, V)
+        d[xp.arange(t.shape[0]), t] -= 1
+        d *= (valid * (g / ctx.n)).astype(d.dtype)[:, None]
+        return d.reshape(ctx.shape).astype(ctx.dtype, copy=False), None
+
+
+class LayerNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None, eps=1e-5):
+        xf = _f32(x)
+        mean = xf.mean(axis=-1, keepdims=True)
+        xhat = xf - mean
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + eps)                       # (..., 1)
+        xhat *= rstd
+        y = xhat * w
+        if b is not None:
+            y += b
+        ctx.save_for_backward(xhat, rstd, w)
+        return y.astype(x.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, w = ctx.saved_tensors
+        need_x, need_w, need_b = (ctx.needs_input_grad + (False,))[:3]
+        gf = _f32(g)
+        lead = tuple(range(g.ndim - 1))
+        gw = (gf * xhat).sum(axis=lead).astype(w.dtype) if need_w else None
+        gb = gf.sum(axis=lead).astype(w.dtype) if need_b else None
+        gx = None
+        if need_x:
+            dxhat = gf * w
+            gx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+            gx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+            gx *= rstd
+            gx = gx.astype(g.dtype, copy=False)
+        return gx, gw, gb
+
+
+class RMSNorm(Function):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last axis (Llama)."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps=1e-5):
+        xf = _f32(x)
+        rstd = 1.0 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+        xhat = xf * rstd
+        ctx.save_for_backward(xhat, rstd, w)
+        return (xhat * w).astype(x.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gf = _f32(g)
+        gw = (gf * xhat).sum(axis=tuple(range(g.ndim - 1))).astype(w.dtype) if need_w else None
+        gx = None
+        if need_x:
+            dxhat = gf * w
+            gx = (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)) * rstd
+            gx = gx.astype(g.dtype, copy=False)
+        return gx, gw
+
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+class GELU(Function):
+    """GELU, tanh approximation (GPT-2) or exact with erf (approximate='none')."""
+
+    @staticmethod
+    def forward(ctx, x, approximate="tanh"):
+        ctx.approximate = approximate
+        if approximate == "tanh":
+            t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))
+            ctx.save_for_backward(x, t)
+            return 0.5 * x * (1.0 + t)
+        if approximate != "none":
+            raise ValueError(f"gelu: approximate={approximate!r} must be 'tanh' or 'none'")
+        from minillm.backend import erf
+        e = erf(x * (1.0 / math.sqrt(2.0)))
+        ctx.save_for_backward(x, e)
+        return 0.5 * x * (1.0 + e)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, t = ctx.saved_tensors
+        if ctx.approximate == "tanh":
+            inner = _GELU_K * (1.0 + 3 * 0.044715 * x * x)
+            return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner)
+        pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+        return g * (0.5 * (1.0 + t) + x * pdf)
+
+
+_MASKS = {}
+
+
+def _causal_mask(tq, tk, dtype):
+    """Additive mask (Tq, Tk): 0 where query i may see key j, -inf after it. Query i sits at
+    position i + (Tk - Tq), so with a KV cache new queries see every cached key."""
+    key = (tq, tk, str(dtype))
+    if key not in _MASKS:
+        i = xp.arange(tq)[:, None] + (tk - tq)
+        j = xp.arange(tk)[None, :]
+        _MASKS[key] = xp.where(j > i, -xp.inf, 0.0).astype(dtype)
+    return _MASKS[key]
+
+
+class CausalAttention(Function):
+    """softmax(q k^T / sqrt(hs) + causal mask) v for q (B, nh, Tq, hs) and k, v (B, nh, Tk, hs)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        att = _f32(mm(q, k.swapaxes(-1, -2)))                 # (B, nh, Tq, Tk)
+        att *= scale
+        att += _causal_mask(q.shape[-2], k.shape[-2], att.dtype)
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        att = att.astype(q.dtype, copy=False)
+        ctx.save_for_backward(q, k, v, att)
+        ctx.scale = scale
+        return mm(att, v)                                     # (B, nh, Tq, hs)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, att = ctx.saved_tensors
+        dv = mm(att.swapaxes(-1, -2), g)                      # (B, nh, Tk, hs)
+        datt = _f32(mm(g, v.swapaxes(-1, -2)))                # (B, nh, Tq, Tk)
+        datt -= (datt * att).sum(axis=-1, keepdims=True)      # softmax backward
+        datt *= att
+        datt *= ctx.scale
+        datt = datt.astype(q.dtype, copy=False)
+        dq = mm(datt, k)                                      # (B, nh, Tq, hs)
+        dk = mm(datt.swapaxes(-1, -2), q)                     # (B, nh, Tk, hs)
+        return dq, dk, dv
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return xp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+class Rope(Function):
+    """Rotary position embedding: y = x cos + rotate_half(x) sin (halves layout, as GPT-NeoX/Llama).
+    cos, sin: (T, hs) constants for the positions of x's T axis. rotate_half is a rotation, so its
+    transpose is its inverse: dx = g cos - rotate_half(g sin)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return x * cos + _rotate_half(x) * sin
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return g * cos - _rotate_half(g * sin)
