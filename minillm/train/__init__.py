@@ -1,1 +1,1 @@
-"""minillm.train."""
+"""Training: the loop (trainer.py), engines, metrics, FLOP counting, plots, inference helpers."""

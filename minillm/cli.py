@@ -1,0 +1,184 @@
+"""The `minillm` command: prepare | train | sample | eval | plot | inspect | bench.
+
+Exit codes: 0 done, 2 a user error (one line on stderr, no traceback), 1 a bug. Under mpirun
+every rank runs this same entry point; an error on any rank ends the whole job.
+"""
+import argparse
+import sys
+
+from minillm.errors import UserError
+
+_EPILOG = """examples:
+  minillm train                                   # the default: char GPT on the embedded pydocs text
+  minillm train configs/shakespeare_char_cpu.toml --train.max_steps=500
+  mpirun -np 2 python -m mpi4py -m minillm train configs/pydocs_char.toml --parallel.dp=2
+  minillm sample runs/pydocs_char --prompt "def " --max-new-tokens 200
+  minillm eval runs/pydocs_char
+  minillm plot runs/pydocs_char
+  minillm inspect runs/pydocs_char/ckpt_0001000.h5
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a UserError (one line, exit code 2)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser():
+    p = _Parser(prog="minillm", description="Train a GPT from scratch with minillm.",
+                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("prepare", help="tokenize a text source into train/val token files")
+    s.add_argument("source", help="pydocs (embedded), shakespeare (downloaded) or a text file path")
+    s.add_argument("--tokenizer", default="char", help="char | bpe | gpt2 (default char)")
+    s.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 512)")
+    s.add_argument("--out", default=None, help="output directory (default data/<source>_<tokenizer>)")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+
+    s = sub.add_parser("train", help="train a model (config file + --section.key=value overrides)")
+    s.add_argument("config", nargs="?", default=None, help="a TOML config (default: built-in defaults)")
+    s.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in out_dir) or a path")
+
+    for name, text in (("sample", "generate text from a trained model"),
+                       ("eval", "validation loss and perplexity of a trained model")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("path", help="a run directory or a checkpoint .h5 file")
+        s.add_argument("--device", default=None, help="cpu | gpu (default: cpu)")
+        if name == "sample":
+            s.add_argument("--prompt", default="")
+            s.add_argument("--max-new-tokens", type=int, default=200)
+            s.add_argument("--temperature", type=float, default=0.8)
+            s.add_argument("--top-k", type=int, default=None)
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--num-samples", type=int, default=1)
+        else:
+            s.add_argument("--iters", type=int, default=None, help="batches (default train.eval_iters)")
+            s.add_argument("--split", default="val", help="val | train")
+
+    s = sub.add_parser("plot", help="PNG of loss, val loss, lr and grad norm (or the pipeline timeline)")
+    s.add_argument("run_dir")
+    s.add_argument("--timeline", action="store_true", help="draw the per-rank pipeline timeline")
+    s.add_argument("--out", default=None, help="output PNG (default RUN_DIR/metrics.png)")
+
+    s = sub.add_parser("inspect", help="describe a checkpoint: step, config, every tensor")
+    s.add_argument("checkpoint")
+
+    s = sub.add_parser("bench", help="time forward / backward / optimizer of a config")
+    s.add_argument("config", nargs="?", default=None)
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--torch", action="store_true", help="also time the same model in PyTorch")
+    return p
+
+
+def _train(args, overrides, state):
+    from minillm.config import load_config
+    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    comm = get_world_comm()
+    state["comm"] = comm
+    cfg = load_config(args.config, overrides)  # the same on every rank: errors are reported once
+    from minillm.config import check_layout
+    check_layout(cfg, comm.size)
+    if comm.size > 1:
+        install_abort_handler(comm)
+    state["phase"] = "run"
+    from minillm.train.trainer import train
+    train(cfg, resume=args.resume, comm=comm)
+    return 0
+
+
+def _prepare(args):
+    from minillm.data import default_dataset_dir, prepare_dataset
+    out = args.out or str(default_dataset_dir(args.source, args.tokenizer, args.vocab_size))
+    prepare_dataset(args.source, out, args.tokenizer, args.vocab_size, args.val_fraction, verbose=True)
+    return 0
+
+
+def _sample(args):
+    from minillm.train.inference import load_model, load_run_tokenizer, sample_text
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature={args.temperature} must be >= 0 (0 = always the likeliest token)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k={args.top_k} must be >= 1")
+    model, cfg, ckpt = load_model(args.path, args.device)
+    tok = load_run_tokenizer(ckpt, cfg)
+    for i in range(args.num_samples):
+        print(sample_text(model, tok, args.prompt, args.max_new_tokens, args.temperature,
+                          args.top_k, args.seed + i))
+        if i < args.num_samples - 1:
+            print("-" * 40)
+    return 0
+
+
+def _eval(args):
+    from minillm.train.inference import evaluate, load_model
+    if args.split not in ("val", "train"):
+        raise UserError(f"--split={args.split!r} must be 'val' or 'train'")
+    model, cfg, ckpt = load_model(args.path, args.device)
+    r = evaluate(model, cfg, args.iters, args.split)
+    print(f"{ckpt}: {r['split']} loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f} | "
+          f"{r['batches']} batches of {cfg.train.batch_size}x{cfg.model.block_size} tokens")
+    return 0
+
+
+def _plot(args):
+    from minillm.train.plots import plot_metrics, plot_timeline
+    out = plot_timeline(args.run_dir, args.out) if args.timeline else plot_metrics(args.run_dir, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _inspect(args):
+    from minillm.checkpoint import inspect_checkpoint
+    print(inspect_checkpoint(args.checkpoint))
+    return 0
+
+
+def _bench(args, overrides):
+    from minillm.bench import run_bench
+    run_bench(args.config, overrides, steps=args.steps, with_torch=args.torch)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    state = {"comm": None, "phase": "config"}
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if extra and args.command not in ("train", "bench"):
+            raise UserError(f"minillm {args.command}: unrecognized arguments: {' '.join(extra)}")
+        if args.command == "train":
+            return _train(args, extra, state)
+        if args.command == "bench":
+            return _bench(args, extra)
+        return {"prepare": _prepare, "sample": _sample, "eval": _eval, "plot": _plot,
+                "inspect": _inspect}[args.command](args)
+    except UserError as e:
+        comm = state["comm"]
+        if comm is not None and comm.size > 1 and state["phase"] == "run":
+            from minillm.distributed.comm import exit_with_error
+            exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
+        if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        comm = state["comm"]
+        if comm is not None and comm.size > 1:
+            from minillm.distributed.comm import exit_with_error
+            exit_with_error(comm, e)
+        raise
+
+
+def entry():
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The training loop: data -> model -> loss -> backward -> (sync) -> clip -> AdamW -> log -> checkpoint.
+
+One function, ``train(cfg)``, runs the whole job on one process or on every rank of an MPI job
+(``mpirun -np N python -m mpi4py -m minillm train ...``). What differs between layouts lives in
+the engine (serial, data parallel, pipeline); what differs between float32 and mixed precision
+lives in the precision object; the loop itself is the same for all.
+
+Reproducibility: the batch of step s is a function of (seed, s) only, and dropout masks come from a
+generator re-seeded from (seed, s, rank) at every step, so a resumed run replays exactly what the
+uninterrupted one would have done.
+"""
+import dataclasses
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy
+
+from minillm import __version__, backend
+from minillm.amp import make_precision
+from minillm.checkpoint import (checkpoint_path, compare_config, find_latest_checkpoint,
+                                load_checkpoint, prune_checkpoints, save_checkpoint)
+from minillm.config import check_layout, config_to_dict, data_dir, save_config
+from minillm.data import BatchSampler, TokenDataset, ensure_dataset, load_tokenizer, read_meta
+from minillm.errors import UserError
+from minillm.model import GPT
+from minillm.optim import SGD, AdamW, clip_grad_norm, get_lr
+from minillm.train.flops import flops_per_token, matmul_params, measure_matmul_peak
+from minillm.train.metrics import MetricsLog, format_line
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop finishes its step, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners)
+                pass
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def prepare_data(cfg, comm):
+    """Rank 0 prepares the dataset the config names (once); the others wait for it."""
+    ddir = data_dir(cfg)
+    if comm.rank == 0:
+        d = cfg.data
+        ensure_dataset(d.source, ddir, d.tokenizer, d.vocab_size or None, d.val_fraction,
+                       verbose=True)
+    comm.barrier()
+    meta = read_meta(ddir)
+    if meta is None:
+        raise UserError(f"dataset {ddir} is missing; run `minillm prepare` first")
+    return ddir, meta
+
+
+def resolve_vocab(cfg, meta):
+    """model.vocab_size = 0 means 'as the dataset says'; a smaller explicit value is an error."""
+    v = int(meta["vocab_size"])
+    if cfg.model.vocab_size == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=v))
+    if cfg.model.vocab_size < v:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
+                        f"vocabulary of {v}; set --model.vocab_size={v} (or 0 to take it from the data)")
+    return cfg
+
+
+def make_engine(cfg, model, precision, comm):
+    """Serial, data-parallel or pipeline engine for this config and world."""
+    from minillm.train.engine import LocalEngine
+    if cfg.parallel.pp > 1:
+        from minillm.distributed.pipeline import PipelineEngine
+        return PipelineEngine(cfg, model, precision, comm)
+    if comm.size > 1:
+        from minillm.distributed.data_parallel import DataParallel
+        sync = DataParallel(model, comm, bucket_mb=cfg.parallel.bucket_mb,
+                            allreduce=cfg.parallel.allreduce)
+        return LocalEngine(model, precision, sync, comm)
+    return LocalEngine(model, precision, comm=comm)
+
+
+def make_optimizer(cfg, params):
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+
+def reseed_dropout(model, seed, step, rank):
+    model.dropout_rng.bit_generator.state = numpy.random.default_rng([seed, 1, step, rank]).bit_generator.state
+
+
+class Trainer:
+    def __init__(self, cfg, comm=None, resume=None, log=None):
+        from minillm.distributed.comm import get_world_comm
+        self.comm = comm or get_world_comm()
+        check_layout(cfg, self.comm.size)
+        backend.set_device(cfg.train.device)
+        self.rank0 = self.comm.rank == 0
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.ddir, meta = prepare_data(cfg, self.comm)
+        self.cfg = cfg = resolve_vocab(cfg, meta)
+        t = cfg.train
+        self.run_dir = Path(t.out_dir)
+        self.train_data = TokenDataset(self.ddir, "train")
+        self.val_data = TokenDataset(self.ddir, "val")
+        self.sampler = BatchSampler(self.train_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
+        self.val_sampler = BatchSampler(self.val_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
+        self.model = GPT(cfg.model, seed=t.seed)
+        self.precision = make_precision(t, self.model)
+        self.engine = make_engine(cfg, self.model, self.precision, self.comm)
+        self.optimizer = make_optimizer(cfg, self.precision.master_params)
+        self.dp_rank, self.dp_size = getattr(self.engine, "dp_rank", self.comm.rank), \
+            getattr(self.engine, "dp_size", self.comm.size)
+        self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
+        self.last_val = None
+        if resume:
+            self._resume(resume)
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+            tok = Path(self.ddir) / "tokenizer.json"
+            if tok.exists():
+                shutil.copyfile(tok, self.run_dir / "tokenizer.json")
+        self.comm.barrier()
+        self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.rank0)
+
+    # ------------------------------------------------------------------ batches
+    def local_microbatches(self, step, sampler=None, eval_index=None):
+        """This data-parallel rank's slice of the global batch, cut into micro-batches."""
+        t = self.cfg.train
+        per_rank = t.batch_size // self.dp_size
+        n_micro = t.grad_accum * self.cfg.parallel.microbatches
+        size = per_rank // n_micro
+        start = self.dp_rank * per_rank
+        out = []
+        for i in range(n_micro):
+            if eval_index is None:
+                x, y = (sampler or self.sampler).get_batch(step, start + i * size, size)
+            else:
+                x, y = sampler.eval_batch(eval_index, start + i * size, size)
+            out.append((backend.asarray(x), backend.asarray(y)))
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def estimate_loss(self, sampler):
+        """Mean loss over eval_iters fixed batches (every rank scores its slice, then average)."""
+        self.model.eval()
+        total = 0.0
+        for i in range(self.cfg.train.eval_iters):
+            mbs = self.local_microbatches(0, sampler, eval_index=i)
+            total += sum(self.engine.eval_loss(x, y) for x, y in mbs) / len(mbs)
+        self.model.train()
+        local = total / self.cfg.train.eval_iters
+        return self.comm.allreduce_scalar(local, "sum") / self.dp_size if self.comm.size > 1 else local
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self):
+        return {
+            "meta": {"step": self.step, "tokens_seen": self.tokens_seen,
+                     "best_val_loss": self.best_val,
+                     "layout": {"dp": self.cfg.parallel.dp, "pp": self.cfg.parallel.pp,
+                                "world_size": self.comm.size}},
+            "config": config_to_dict(self.cfg),
+            "model": self.engine.model_state(),
+            "optimizer": self.engine.optimizer_state(self.optimizer)
+            if hasattr(self.engine, "optimizer_state") else self.optimizer.state_dict(),
+            "scaler": self.precision.state_dict(),
+            "rng": {"data_seed": self.cfg.train.seed,
+                    "dropout": self.model.dropout_rng.bit_generator.state,
+                    "note": "batches and dropout masks are re-derived from (seed, step, rank)"},
+        }
+
+    def save(self):
+        state = self.checkpoint_state()  # every rank takes part (pipeline stages gather to rank 0)
+        path = checkpoint_path(self.run_dir, self.step)
+        if self.rank0:
+            save_checkpoint(path, state)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        self.comm.barrier()
+        return path
+
+    def _resume(self, resume):
+        if resume == "auto":
+            path = find_latest_checkpoint(self.run_dir) if self.rank0 else None
+            path = self.comm.bcast_obj(str(path) if path else None, 0)
+            if path is None:
+                if self.rank0:
+                    self.log(f"no checkpoint in {self.run_dir}: starting from scratch")
+                return
+        else:
+            path = resume
+        if not Path(path).is_file():
+            raise UserError(f"--resume {path}: no such checkpoint file")
+        state = load_checkpoint(path)
+        diffs = compare_config(state["config"], config_to_dict(self.cfg), sections=("model",))
+        if diffs:
+            raise UserError(f"checkpoint {path} does not match the config: {diffs[0]}; resume with the "
+                            f"checkpoint's model settings or start a new train.out_dir")
+        self.engine.load_model_state(state["model"], source=f"checkpoint {path}")
+        opt_state = state["optimizer"]
+        if hasattr(self.engine, "load_optimizer_state"):
+            self.engine.load_optimizer_state(self.optimizer, opt_state)
+        else:
+            self.optimizer.load_state_dict(opt_state)
+        self.precision.load_state_dict(state.get("scaler") or {})
+        meta = state["meta"]
+        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+        self.best_val = float(meta["best_val_loss"]) if meta.get("best_val_loss") is not None else math.inf
+        if self.rank0:
+            self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self):
+        t = self.cfg.train
+        lr = get_lr(self.step, t)
+        reseed_dropout(self.model, t.seed, self.step, self.comm.rank)
+        self.precision.master_to_model()
+        loss = self.engine.forward_backward(self.local_microbatches(self.step))
+        found_inf = self.precision.grads_to_master()
+        params = [p for _, p in self.precision.master_params]
+        grad_norm = clip_grad_norm(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
+        if not found_inf:
+            self.optimizer.step(lr=lr)
+        self.precision.update(found_inf)
+        self.optimizer.zero_grad()
+        self.model.zero_grad()
+        if self.comm.size > 1:
+            loss = getattr(self.engine, "reduce_loss", lambda v: self.comm.allreduce_scalar(v, "sum") / self.comm.size)(loss)
+        return loss, lr, grad_norm, found_inf
+
+    def run(self):
+        t, cfg = self.cfg.train, self.cfg
+        tokens_per_step = t.batch_size * cfg.model.block_size
+        fpt = flops_per_token(cfg.model, matmul_params(self.model))
+        peak = measure_matmul_peak() if self.rank0 else 0.0
+        if self.rank0:
+            self.log(f"minillm {__version__} | {self.model.num_parameters() / 1e6:.2f}M parameters | "
+                     f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} | "
+                     f"dtype {t.dtype} | world {self.comm.size} (dp {cfg.parallel.dp}, pp {cfg.parallel.pp}) | "
+                     f"run dir {self.run_dir}")
+        stop = _StopFlag()
+        stop.install()
+        bar = _progress(t, self.step) if self.rank0 else None
+        last_t, last_step, skipped = time.perf_counter(), self.step, 0
+        start_time = time.perf_counter()
+        try:
+            while self.step < t.max_steps:
+                loss, lr, grad_norm, found_inf = self.train_step()
+                skipped += int(found_inf)
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                step = self.step
+                record = None
+                is_eval = step % t.eval_interval == 0 or step == t.max_steps
+                if step % t.log_interval == 0 or step == 1 or is_eval:
+                    backend.synchronize()
+                    now = time.perf_counter()
+                    dt = (now - last_t) / max(step - last_step, 1)
+                    last_t, last_step = now, step
+                    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": tokens_per_step / dt, "ms_per_step": 1000 * dt,
+                              "mfu": fpt * tokens_per_step / dt / peak / self.comm.size if peak else None,
+                              "tokens_seen": self.tokens_seen}
+                    if self.precision.loss_scale is not None:
+                        record.update(loss_scale=self.precision.loss_scale, skipped_steps=skipped)
+                if is_eval:
+                    record["train_loss"] = self.estimate_loss(self.sampler)
+                    record["val_loss"] = self.last_val = self.estimate_loss(self.val_sampler)
+                    self.best_val = min(self.best_val, self.last_val)
+                    last_t = time.perf_counter()  # evaluation time is not step time
+                if record is not None and self.rank0:
+                    self.metrics.write(record)
+                    (bar.write if bar else self.log)(format_line(record))
+                if bar:
+                    bar.update(1)
+                if t.ckpt_interval and step % t.ckpt_interval == 0 and step < t.max_steps:
+                    self.save()
+                got = stop.signal is not None
+                if self.comm.size > 1:
+                    got = self.comm.allreduce_scalar(float(got), "max") > 0
+                if got:
+                    path = self.save()
+                    if self.rank0:
+                        self.log(f"received {stop.signal or 'a stop signal'} on some rank: saved step "
+                                 f"{step} to {path}; continue with: minillm train {self.run_dir}/config.toml "
+                                 f"--resume auto")
+                    return {"stopped": True, "step": step, "checkpoint": str(path)}
+        finally:
+            stop.restore()
+            if bar:
+                bar.close()
+        path = self.save()
+        elapsed = time.perf_counter() - start_time
+        summary = {"stopped": False, "step": self.step, "val_loss": self.last_val,
+                   "best_val_loss": self.best_val, "checkpoint": str(path), "seconds": elapsed}
+        if self.rank0:
+            self.print_sample()
+            val = f"val loss {self.last_val:.4f} (best {self.best_val:.4f})" if self.last_val is not None else ""
+            self.log(f"done: {self.step} steps in {_hms(elapsed)}, {val}, checkpoint {path}")
+        return summary
+
+    def print_sample(self):
+        t = self.cfg.train
+        if t.sample_tokens <= 0 or self.cfg.parallel.pp > 1:
+            return
+        tok = load_tokenizer(self.ddir)
+        prompt = t.sample_prompt or "\n"
+        try:
+            ids = tok.encode(prompt)
+        except UserError:
+            ids = [0]
+        out = self.model.generate(numpy.asarray([ids or [0]]), t.sample_tokens, temperature=0.8,
+                                  top_k=None, seed=t.seed)
+        self.log("---- sample ----\n" + tok.decode(out[0].tolist()) + "\n----------------")
+
+
+def _progress(t, start):
+    if not t.progress or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=t.max_steps, initial=start, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _hms(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def train(cfg, resume=None, comm=None, log=None):
+    """Train ``cfg`` to ``train.max_steps``; returns a summary dict."""
+    return Trainer(cfg, comm=comm, resume=resume, log=log).run()
