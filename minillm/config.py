@@ -1,0 +1,454 @@
+"""Typed run configuration: four dataclass sections, TOML files and ``--section.key=value`` overrides.
+
+A run is one ``Config`` = ``model`` (GPTConfig) + ``data`` + ``train`` + ``parallel``. Every value is
+checked when its section is built, so a typo or an impossible value stops the run before any work,
+with one line that says what to change. ``load_config`` reads a TOML preset and applies overrides;
+``dump_toml`` writes the resolved config back (the run directory's ``config.toml``), and
+``config_to_dict`` / ``config_from_dict`` carry it inside checkpoints.
+"""
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import sys
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from minillm.errors import ConfigError
+from minillm.model.gpt import GPTConfig
+
+TOKENIZERS = ("char", "bpe", "gpt2")
+NAMED_SOURCES = ("pydocs", "shakespeare")    # any other data.source is a path to a text file
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "wsd", "inv_sqrt")
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cpu", "gpu")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+ALLREDUCES = ("mpi", "ring")
+
+
+def _show(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else repr(v)
+
+
+def _require(ok: bool, message: str) -> None:
+    # Written as "fail unless ok" so that NaN, which fails every comparison, is rejected too.
+    if not ok:
+        raise ConfigError(message)
+
+
+# Range rules shared by the sections: (test, how the message states it).
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+
+
+# ---------------------------------------------------------------- value types
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls) -> dict:
+    """Field name -> type for a section class (get_type_hints resolves string annotations too)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _typed(key: str, value, typ):
+    """Check a value from TOML or a dict against its field type; int -> float is the one widening."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()          # numpy scalars (e.g. read back from HDF5) -> Python scalars
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}.get(typ)
+    if ok is None:
+        return value                  # a type this module does not know: the section checks it
+    _require(ok, f"{key}={value!r} must be {_TYPE_NAMES[typ]}")
+    if typ is float:
+        value = float(value)
+        _require(math.isfinite(value), f"{key}={value} must be a finite number")
+    return value
+
+
+def _parse(key: str, text: str, typ):
+    """Turn the text of a command-line override into the field's type."""
+    try:
+        if typ is bool:
+            low = text.strip().lower()
+            if low in _TRUE or low in _FALSE:
+                return low in _TRUE
+            raise ValueError
+        if typ is int:
+            return int(text)
+        if typ is float:
+            value = float(text)
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} must be {_TYPE_NAMES[typ]}") from None
+    if typ is float:
+        return _typed(key, value, float)    # outside the try: ConfigError is itself a ValueError
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]             # --train.out_dir='"runs/x"' when a shell kept the quotes
+    return text
+
+
+class _Section:
+    """Shared by the sections defined here: check field types, ranges and choices, then cross-field rules.
+
+    Subclasses declare ``_rules`` (a range rule followed by the keys it covers) and ``_choices``
+    (key -> allowed values) instead of writing a check per field.
+    """
+    _name, _rules, _choices = "", (), {}
+
+    def __post_init__(self):
+        for name, typ in _field_types(type(self)).items():
+            setattr(self, name, _typed(f"{self._name}.{name}", getattr(self, name), typ))
+        for (test, text), *keys in self._rules:
+            for key in keys:
+                value = getattr(self, key)
+                _require(test(value), f"{self._name}.{key}={_show(value)} must be {text}")
+        for key, options in self._choices.items():
+            value = getattr(self, key)
+            _require(value in options, f"{self._name}.{key}={value!r} is not one of {', '.join(map(repr, options))}")
+        self._validate()
+
+    def _validate(self):
+        """Rules that involve several fields."""
+
+
+# ---------------------------------------------------------------- sections
+
+@dataclass
+class DataConfig(_Section):
+    source: str = "pydocs"        # "pydocs" | "shakespeare" | path to a UTF-8 text file
+    tokenizer: str = "char"       # "char" | "bpe" | "gpt2"
+    vocab_size: int = 0           # bpe only; 0 = the tokenizer's default
+    dir: str = ""                 # "" = data/<source>_<tokenizer>[_<vocab>] (see data_dir)
+    val_fraction: float = 0.1
+    _name, _choices = "data", {"tokenizer": TOKENIZERS}
+    _rules = ((_AT_LEAST_0, "vocab_size"), (_OPEN_UNIT, "val_fraction"))
+
+    def _validate(self):
+        _require(self.source.strip() != "", "data.source is empty; use 'pydocs', 'shakespeare' or a text file path")
+        _require(self.vocab_size == 0 or self.tokenizer == "bpe",
+                 f"data.vocab_size={self.vocab_size} only applies to data.tokenizer='bpe' "
+                 f"({self.tokenizer!r} fixes its own vocabulary); set it to 0")
+        _require(self.vocab_size == 0 or self.vocab_size >= 256,
+                 f"data.vocab_size={self.vocab_size} must be >= 256 (the byte alphabet of byte-level BPE), "
+                 "or 0 for the default")
+
+
+@dataclass
+class TrainConfig(_Section):
+    batch_size: int = 12          # global sequences per optimizer step, over all ranks and micro-steps
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"      # "constant" | "cosine" | "wsd" | "inv_sqrt"
+    decay_frac: float = 0.2       # wsd: the last fraction of steps that decays
+    optimizer: str = "adamw"      # "adamw" | "sgd"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.9         # sgd only
+    grad_clip: float = 1.0        # 0 = no clipping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 0        # 0 = only at the end
+    keep_last: int = 3            # 0 = keep every checkpoint
+    seed: int = 1337
+    dtype: str = "float32"        # "float32" | "float16" | "bfloat16"
+    device: str = "cpu"           # "cpu" | "gpu"
+    out_dir: str = "runs/default"
+    sample_tokens: int = 300
+    sample_prompt: str = ""
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 2000
+    progress: bool = True
+    _name = "train"
+    _rules = ((_AT_LEAST_1, "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
+               "loss_scale_growth_interval"),
+              (_AT_LEAST_0, "warmup_steps", "ckpt_interval", "keep_last", "seed", "sample_tokens", "min_lr",
+               "weight_decay", "grad_clip"),
+              (_POSITIVE, "lr", "eps", "loss_scale_init"),
+              (_BELOW_1, "beta1", "beta2", "momentum"),
+              (_UNIT, "decay_frac"))
+    _choices = {"schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "dtype": DTYPES, "device": DEVICES}
+
+    def _validate(self):
+        _require(self.min_lr <= self.lr, f"train.min_lr={_show(self.min_lr)} is above train.lr={_show(self.lr)}; "
+                                         "make min_lr <= lr")
+        _require(self.batch_size % self.grad_accum == 0,
+                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
+        _require(self.out_dir.strip() != "", "train.out_dir is empty; give the run directory, e.g. runs/my_run")
+
+
+@dataclass
+class ParallelConfig(_Section):
+    dp: int = 1                   # data-parallel replicas
+    pp: int = 1                   # pipeline stages
+    microbatches: int = 1         # pipeline micro-batches per step
+    schedule: str = "1f1b"        # "1f1b" | "gpipe"
+    bucket_mb: float = 25.0       # gradient all-reduce bucket size
+    allreduce: str = "mpi"        # "mpi" | "ring" (our hand-written ring)
+    partition: str = ""           # blocks per stage, e.g. "3,2,2,1"; "" = as even as possible
+    zero: int = 0                 # ZeRO stage; sharding is not implemented yet, so only 0
+    _name, _rules = "parallel", ((_AT_LEAST_1, "dp", "pp", "microbatches"), (_POSITIVE, "bucket_mb"))
+    _choices = {"schedule": PIPELINE_SCHEDULES, "allreduce": ALLREDUCES}
+
+    def _validate(self):
+        _require(self.zero == 0, f"parallel.zero={self.zero}: ZeRO sharding is not implemented; set parallel.zero=0")
+        blocks = self.partition_blocks
+        _require(not blocks or len(blocks) == self.pp,
+                 f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={self.pp}; "
+                 "give one block count per stage")
+
+    @property
+    def partition_blocks(self) -> tuple:
+        """The explicit blocks-per-stage list, or () for an even split."""
+        if not self.partition.strip():
+            return ()
+        try:
+            blocks = tuple(int(p) for p in self.partition.split(","))
+        except ValueError:
+            blocks = (-1,)
+        _require(all(b >= 0 for b in blocks), f"parallel.partition={self.partition!r} must be a comma list of "
+                                              "block counts per stage, e.g. '2,2'")
+        return blocks
+
+
+SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"Config.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        n_layer, par = self.model.n_layer, self.parallel
+        blocks = par.partition_blocks
+        _require(not blocks or sum(blocks) == n_layer,
+                 f"parallel.partition={par.partition!r} places {sum(blocks)} blocks but model.n_layer={n_layer}")
+        _require(blocks or par.pp <= n_layer,
+                 f"parallel.pp={par.pp} is more stages than model.n_layer={n_layer} blocks; lower parallel.pp")
+
+
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of MPI ranks: the rank grid and how the global batch splits."""
+    par, tr = cfg.parallel, cfg.train
+    _require(par.dp * par.pp == world_size,
+             f"parallel.dp={par.dp} x parallel.pp={par.pp} = {par.dp * par.pp} ranks but the job has {world_size}; "
+             f"launch with mpirun -np {par.dp * par.pp} or make dp x pp = {world_size}")
+    per = par.dp * tr.grad_accum * par.microbatches
+    _require(tr.batch_size % per == 0,
+             f"train.batch_size={tr.batch_size} is not divisible by parallel.dp={par.dp} x train.grad_accum="
+             f"{tr.grad_accum} x parallel.microbatches={par.microbatches} = {per}; use a multiple of {per}")
+
+
+def data_dir(cfg: Config) -> str:
+    """The dataset directory: data.dir, or data/<source name>_<tokenizer>[_<vocab>] relative to cwd."""
+    d = cfg.data
+    if d.dir:
+        return d.dir
+    name = d.source if d.source in NAMED_SOURCES else Path(d.source).stem
+    suffix = f"_{d.vocab_size}" if d.vocab_size else ""
+    return os.path.join("data", f"{name}_{d.tokenizer}{suffix}")
+
+
+# ---------------------------------------------------------------- unknown names
+
+# Names other codebases (nanoGPT, Hugging Face) use, so a familiar spelling finds our key.
+_ALIASES = {
+    "learning_rate": "train.lr", "min_learning_rate": "train.min_lr", "max_iters": "train.max_steps",
+    "lr_decay_iters": "train.max_steps", "warmup_iters": "train.warmup_steps",
+    "gradient_accumulation_steps": "train.grad_accum", "max_grad_norm": "train.grad_clip",
+    "decay_lr": "train.schedule", "lr_schedule": "train.schedule", "precision": "train.dtype",
+    "n_ctx": "model.block_size", "context_length": "model.block_size", "seq_len": "model.block_size",
+    "d_model": "model.n_embd", "hidden_size": "model.n_embd", "num_layers": "model.n_layer",
+    "n_layers": "model.n_layer", "num_heads": "model.n_head", "n_heads": "model.n_head",
+    "dataset": "data.source", "data_dir": "data.dir",
+}
+
+
+def _suggest(section: str, key: str) -> str:
+    """'; did you mean X?' for a mistyped key, else the list of keys of the section."""
+    keys = list(_field_types(SECTIONS[section])) if section in SECTIONS else []
+    own = {k: f"{section}.{k}" for k in keys}
+    own.update({a: t for a, t in _ALIASES.items() if t.startswith(f"{section}.")})
+    everywhere = {k: f"{s}.{k}" for s, cls in SECTIONS.items() for k in _field_types(cls)}
+    everywhere.update(_ALIASES)
+    for names, cutoff in ((own, 0.6), (everywhere, 0.75)):
+        hit = difflib.get_close_matches(key, list(names), n=1, cutoff=cutoff)
+        if hit:
+            return f"; did you mean '{names[hit[0]]}'?"
+    return f"; known keys in [{section}]: {', '.join(keys)}" if keys else ""
+
+
+def _unknown_key(section: str, key: str, where: str) -> ConfigError:
+    return ConfigError(f"unknown key '{section}.{key}'{where}{_suggest(section, key)}")
+
+
+def _unknown_section(section: str, where: str) -> ConfigError:
+    hit = difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)
+    hint = f"did you mean '{hit[0]}'?" if hit else f"the sections are {', '.join(SECTIONS)}"
+    return ConfigError(f"unknown section '{section}'{where}; {hint}")
+
+
+# ---------------------------------------------------------------- dicts, TOML, overrides
+
+def _normalize(d, where: str = "") -> dict:
+    """Check a nested {section: {key: value}} mapping: known names, right types. Returns a new dict."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}{where}")
+    out = {}
+    for section, values in d.items():
+        if not isinstance(values, Mapping):
+            if section in SECTIONS:
+                raise ConfigError(f"'{section}'{where} must be a table [{section}] of keys, got {values!r}")
+            hit = _suggest("", section)     # a bare key at the top level: name the section it belongs in
+            raise ConfigError(f"key '{section}'{where} is outside any [section]{hit}")
+        if section not in SECTIONS:
+            raise _unknown_section(section, where)
+        types = _field_types(SECTIONS[section])
+        for key, value in values.items():
+            if key not in types:
+                raise _unknown_key(section, key, where)
+            out.setdefault(section, {})[key] = _typed(f"{section}.{key}", value, types[key])
+    return out
+
+
+def _construct(d: dict) -> Config:
+    return Config(**{name: cls(**d.get(name, {})) for name, cls in SECTIONS.items()})
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as a nested plain dict {section: {key: scalar}} (what checkpoints store)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Mapping) -> Config:
+    """Rebuild a Config from config_to_dict output (missing keys take defaults), with full validation."""
+    return _construct(_normalize(d))
+
+
+def _split_override(item: str) -> tuple:
+    text = item[2:] if item.startswith("--") else item
+    dotted, eq, value = text.partition("=")
+    dotted = dotted.strip().replace("-", "_")
+    section, dot, key = dotted.partition(".")
+    if not eq or not dot or not section or not key:
+        hint = _suggest("", dotted) if not dot else ""
+        raise ConfigError(f"override {item!r} must look like --section.key=value{hint}")
+    return section, key, value
+
+
+def _join_pairs(overrides) -> list:
+    """Accept '--train.lr 1e-3' (two argv items) as well as '--train.lr=1e-3'."""
+    items, out, i = list(overrides), [], 0
+    while i < len(items):
+        item = items[i]
+        if "=" not in item and i + 1 < len(items) and not items[i + 1].startswith("--"):
+            item, i = f"{item}={items[i + 1]}", i + 1
+        out.append(item)
+        i += 1
+    return out
+
+
+def _apply_overrides(d: dict, overrides) -> dict:
+    for item in _join_pairs(overrides):
+        section, key, text = _split_override(item)
+        if section not in SECTIONS:
+            raise _unknown_section(section, f" in override {item!r}")
+        types = _field_types(SECTIONS[section])
+        if key not in types:
+            raise _unknown_key(section, key, "")
+        d.setdefault(section, {})[key] = _parse(f"{section}.{key}", text, types[key])
+    return d
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """A new Config: cfg with ``--section.key=value`` overrides applied (cfg is not changed)."""
+    return _construct(_apply_overrides(config_to_dict(cfg), overrides))
+
+
+def _read_toml(path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found; pass an existing .toml file "
+                          "(presets are in configs/)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+
+
+def load_config(path: "str | os.PathLike | None" = None, overrides=()) -> Config:
+    """Read a TOML config (or start from defaults when path is None), apply overrides, validate."""
+    d = _normalize(_read_toml(path), f" in {path}") if path is not None else {}
+    return _construct(_apply_overrides(d, overrides))
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(int(v))
+    if isinstance(v, float):
+        return repr(float(v))         # the shortest text that reads back as exactly this float
+    if isinstance(v, str):
+        return '"' + "".join(_escape(c) for c in v) + '"'
+    raise TypeError(f"cannot write {type(v).__name__} value {v!r} to TOML")
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _escape(c: str) -> str:
+    # A TOML basic string may hold any character except these and the other control characters.
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    return f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+
+
+def dump_toml(cfg: Config) -> str:
+    """The config as TOML text (one table per section); load_config reads it back to an equal Config."""
+    lines = ["# minillm run configuration: minillm train <this file> reproduces the run"]
+    for section, values in config_to_dict(cfg).items():
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: Config, path) -> None:
+    """Write dump_toml(cfg) to path (parent directories created; written whole, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(dump_toml(cfg), encoding="utf-8")
+    os.replace(tmp, path)
