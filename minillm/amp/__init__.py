@@ -1,6 +1,6 @@
 """Mixed precision: the dtype policy and loss scaling the trainer talks to.
 
-The trainer only ever calls a *precision* object (``make_precision``):
+The trainer only ever calls a *precision* object (``make_precision(train_cfg, named_params)``):
 
     precision.master_params          # (name, Parameter) list the optimizer updates (fp32)
     precision.master_to_model()      # before forward: copy master weights into the model's dtype
@@ -22,9 +22,8 @@ class FullPrecision:
     dtype = "float32"
     loss_scale = None
 
-    def __init__(self, model):
-        self.model = model
-        self.master_params = list(model.named_parameters())
+    def __init__(self, named_params):
+        self.master_params = list(named_params)
 
     def master_to_model(self):
         pass
@@ -45,8 +44,9 @@ class FullPrecision:
         pass
 
 
-def make_precision(train_cfg, model):
-    """The precision object for ``train.dtype``."""
+def make_precision(train_cfg, named_params):
+    """The precision object for ``train.dtype``, over the (name, Parameter) pairs the model
+    computes with on this process."""
     if train_cfg.dtype == "float32":
-        return FullPrecision(model)
+        return FullPrecision(named_params)
     raise UserError(f"train.dtype={train_cfg.dtype!r} is not available yet; use 'float32'")

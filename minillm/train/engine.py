@@ -41,12 +41,32 @@ class LocalSync:
 
 
 class LocalEngine:
-    """All layers on this process; micro-batches accumulate gradients, then one sync."""
+    """All layers on this process; micro-batches accumulate gradients, then one sync.
 
-    def __init__(self, model, precision, sync=None, comm=None):
-        self.model, self.precision = model, precision
+    The interface every engine offers the trainer:
+      named_parameters()            the (name, Parameter) pairs this process computes with
+      precision                     set by the trainer (scales the loss for backward)
+      dp_rank, dp_size              which slice of the global batch this process takes
+      forward_backward(mbs) -> loss mean loss of this process's micro-batches, grads ready
+      eval_loss(x, y) -> loss       no-grad loss of one micro-batch
+      reduce_loss(v) -> v           the mean over data-parallel replicas, the same on every rank
+      grad_sq_reduce(sq) -> sq      sum of squared grads over processes holding different params
+      zero_grad()
+      model_state() / optimizer_state(opt)        full (unsharded) tensors by name, for checkpoints
+      load_model_state(state, source) / load_optimizer_state(opt, state)
+    """
+
+    precision = None
+
+    def __init__(self, model, sync=None, comm=None):
+        self.model = model
         self.sync = sync or LocalSync()
         self.comm = comm
+        self.dp_rank = comm.rank if comm is not None else 0
+        self.dp_size = comm.size if comm is not None else 1
+
+    def named_parameters(self):
+        return list(self.model.named_parameters())
 
     def forward_backward(self, microbatches):
         """Accumulate d(mean loss)/d(params) over the micro-batches; returns the mean loss."""
@@ -65,19 +85,29 @@ class LocalEngine:
             _, loss = self.model(x, y)
         return float(loss.data)
 
+    def reduce_loss(self, value):
+        if self.dp_size == 1:
+            return value
+        return self.comm.allreduce_scalar(value, "sum") / self.dp_size
+
     def grad_sq_reduce(self, sq):
-        """Combine gradient sums of squares across processes holding different parameters
-        (none here: data-parallel replicas hold identical averaged gradients)."""
+        """Data-parallel replicas hold identical averaged gradients: nothing to combine."""
         return sq
+
+    def zero_grad(self):
+        self.model.zero_grad()
 
     def model_state(self):
         """Full parameter arrays by name (master weights), for checkpoints."""
         return {name: p.data for name, p in self.precision.master_params}
+
+    def optimizer_state(self, optimizer):
+        return optimizer.state_dict()
 
     def load_model_state(self, state, source="checkpoint"):
         """Copy full arrays by name into the master weights (one tensor at a time), then the model."""
         load_params(self.precision.master_params, state, source)
         self.precision.master_to_model()
 
-    def is_output_rank(self):
-        return self.comm is None or self.comm.rank == 0
+    def load_optimizer_state(self, optimizer, state):
+        optimizer.load_state_dict(state)

@@ -79,18 +79,18 @@ def resolve_vocab(cfg, meta):
     return cfg
 
 
-def make_engine(cfg, model, precision, comm):
+def make_engine(cfg, model, comm):
     """Serial, data-parallel or pipeline engine for this config and world."""
     from minillm.train.engine import LocalEngine
     if cfg.parallel.pp > 1:
         from minillm.distributed.pipeline import PipelineEngine
-        return PipelineEngine(cfg, model, precision, comm)
+        return PipelineEngine(cfg, model, comm)
     if comm.size > 1:
         from minillm.distributed.data_parallel import DataParallel
         sync = DataParallel(model, comm, bucket_mb=cfg.parallel.bucket_mb,
                             allreduce=cfg.parallel.allreduce)
-        return LocalEngine(model, precision, sync, comm)
-    return LocalEngine(model, precision, comm=comm)
+        return LocalEngine(model, sync, comm)
+    return LocalEngine(model, comm=comm)
 
 
 def make_optimizer(cfg, params):
@@ -120,9 +120,9 @@ class Trainer:
         self.val_data = TokenDataset(self.ddir, "val")
         self.sampler = BatchSampler(self.train_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
         self.val_sampler = BatchSampler(self.val_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
-        self.model = GPT(cfg.model, seed=t.seed)
-        self.precision = make_precision(t, self.model)
-        self.engine = make_engine(cfg, self.model, self.precision, self.comm)
+        self.model = GPT(cfg.model, seed=t.seed)  # the same initial weights on every rank
+        self.engine = make_engine(cfg, self.model, self.comm)
+        self.precision = self.engine.precision = make_precision(t, self.engine.named_parameters())
         self.optimizer = make_optimizer(cfg, self.precision.master_params)
         self.dp_rank, self.dp_size = getattr(self.engine, "dp_rank", self.comm.rank), \
             getattr(self.engine, "dp_size", self.comm.size)
@@ -165,8 +165,7 @@ class Trainer:
             mbs = self.local_microbatches(0, sampler, eval_index=i)
             total += sum(self.engine.eval_loss(x, y) for x, y in mbs) / len(mbs)
         self.model.train()
-        local = total / self.cfg.train.eval_iters
-        return self.comm.allreduce_scalar(local, "sum") / self.dp_size if self.comm.size > 1 else local
+        return self.engine.reduce_loss(total / self.cfg.train.eval_iters)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self):
@@ -177,8 +176,7 @@ class Trainer:
                                 "world_size": self.comm.size}},
             "config": config_to_dict(self.cfg),
             "model": self.engine.model_state(),
-            "optimizer": self.engine.optimizer_state(self.optimizer)
-            if hasattr(self.engine, "optimizer_state") else self.optimizer.state_dict(),
+            "optimizer": self.engine.optimizer_state(self.optimizer),
             "scaler": self.precision.state_dict(),
             "rng": {"data_seed": self.cfg.train.seed,
                     "dropout": self.model.dropout_rng.bit_generator.state,
@@ -212,11 +210,7 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not match the config: {diffs[0]}; resume with the "
                             f"checkpoint's model settings or start a new train.out_dir")
         self.engine.load_model_state(state["model"], source=f"checkpoint {path}")
-        opt_state = state["optimizer"]
-        if hasattr(self.engine, "load_optimizer_state"):
-            self.engine.load_optimizer_state(self.optimizer, opt_state)
-        else:
-            self.optimizer.load_state_dict(opt_state)
+        self.engine.load_optimizer_state(self.optimizer, state["optimizer"])
         self.precision.load_state_dict(state.get("scaler") or {})
         meta = state["meta"]
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
@@ -238,10 +232,8 @@ class Trainer:
             self.optimizer.step(lr=lr)
         self.precision.update(found_inf)
         self.optimizer.zero_grad()
-        self.model.zero_grad()
-        if self.comm.size > 1:
-            loss = getattr(self.engine, "reduce_loss", lambda v: self.comm.allreduce_scalar(v, "sum") / self.comm.size)(loss)
-        return loss, lr, grad_norm, found_inf
+        self.engine.zero_grad()
+        return self.engine.reduce_loss(loss), lr, grad_norm, found_inf
 
     def run(self):
         t, cfg = self.cfg.train, self.cfg
