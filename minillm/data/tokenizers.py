@@ -1,0 +1,278 @@
+"""Tokenizers: text <-> integer ids, three ways, one interface.
+
+Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
+``name`` ("char" | "bpe" | "gpt2"), ``eot_id`` (the ``<|endoftext|>`` id, or None) and
+``save(dir)``; ``load_tokenizer(dir)`` reads one back from ``dir/tokenizer.json``.
+
+- CharTokenizer: one id per character seen in the training text. Tiny vocabulary, long
+  sequences, no way to spell a character it never saw.
+- BPETokenizer: byte-level BPE learned from scratch (see bpe_train.py). Any text, including
+  emoji or invalid UTF-8, is some sequence of byte tokens, so nothing is ever unknown.
+- GPT2Tokenizer: OpenAI's GPT-2 BPE (50257 tokens), through tiktoken.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from minillm.data.bpe_train import train_bpe
+from minillm.data.pretokenize import GPT2_PATTERN, split_specials, split_words
+from minillm.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_BPE_VOCAB = 512
+TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+
+
+def _check_ids(ids, vocab_size: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}); "
+                        "decode ids made by the same tokenizer")
+    return ids
+
+
+class CharTokenizer:
+    """Vocabulary = the sorted set of characters of the training text."""
+    name = "char"
+    eot_id = None
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        stoi = self.stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - set(stoi))
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
+            raise UserError(f"prompt contains characters not in the vocabulary: {shown}{more}; "
+                            "use characters from the training text") from None
+
+    def decode(self, ids) -> str:
+        chars = self.chars
+        return "".join(chars[i] for i in _check_ids(ids, len(chars)))
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        _write_json_atomic(path, self.to_dict())
+        return path
+
+
+class BPETokenizer:
+    """Byte-level BPE: ids 0..255 are bytes, then one id per learned merge, then specials."""
+    name = "bpe"
+
+    def __init__(self, merges, special_tokens: dict[str, int] | None = None,
+                 pattern: str = GPT2_PATTERN):
+        if pattern != GPT2_PATTERN:
+            raise UserError("this tokenizer file uses an unknown pre-tokenisation pattern; "
+                            "prepare the dataset again with this version of minillm")
+        self.merges = [(int(a), int(b)) for a, b in merges]
+        self.pattern = pattern
+        self.vocab = [bytes([i]) for i in range(256)]          # vocab[id] = the token's bytes
+        for a, b in self.merges:
+            self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.ranks = {tok: i for i, tok in enumerate(self.vocab)}
+        if len(self.ranks) != len(self.vocab):
+            raise UserError("tokenizer file has two merges with the same bytes; "
+                            "prepare the dataset again")
+        n = len(self.vocab)
+        self.special_tokens = dict(special_tokens) if special_tokens is not None \
+            else {ENDOFTEXT: n}
+        self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        self._tiktoken = None
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB, verbose: bool = False):
+        """Learn ``vocab_size - 257`` merges (256 byte tokens and ``<|endoftext|>`` are free)."""
+        vocab_size = int(vocab_size)
+        if vocab_size < 257:
+            raise UserError(f"bpe vocab_size={vocab_size} is too small: it needs 256 byte tokens "
+                            "plus <|endoftext|>; use --vocab-size 257 or more")
+        result = train_bpe(text, vocab_size - 257, specials=(ENDOFTEXT,), verbose=verbose)
+        return cls(result.merges, {ENDOFTEXT: 256 + len(result.merges)})
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + len(self.special_tokens)
+
+    @property
+    def eot_id(self):
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def tiktoken_encoding(self):
+        """The same tokenizer as a tiktoken ``Encoding`` (built on first use; fast, Rust)."""
+        if self._tiktoken is None:
+            import tiktoken
+            self._tiktoken = tiktoken.Encoding(
+                name=f"minillm-bpe-{self.vocab_size}", pat_str=self.pattern,
+                mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
+        return self._tiktoken
+
+    def encode(self, text: str) -> list[int]:
+        """Fast path (tiktoken). ``<|endoftext|>`` in the text becomes the special token."""
+        return self.tiktoken_encoding().encode(text, allowed_special="all")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Like ``encode`` but special-token strings are encoded as plain text."""
+        return self.tiktoken_encoding().encode_ordinary(text)
+
+    def _bpe_piece(self, piece: bytes) -> list[int]:
+        """Merge the adjacent pair whose joined bytes have the lowest rank, until none has one."""
+        parts = [bytes([b]) for b in piece]
+        ranks = self.ranks
+        while len(parts) > 1:
+            best, best_rank = None, None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        return [ranks[p] for p in parts]
+
+    def encode_reference(self, text: str) -> list[int]:
+        """The readable (slow) encoder; ``encode`` must give the same ids."""
+        ids: list[int] = []
+        for chunk, is_special in split_specials(text, self.special_tokens):
+            if is_special:
+                ids.append(self.special_tokens[chunk])
+                continue
+            for word in split_words(chunk):
+                ids.extend(self._bpe_piece(word.encode("utf-8")))
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        vocab, specials, n = self.vocab, self._special_bytes, len(self.vocab)
+        return b"".join(vocab[i] if i < n else specials[i] for i in _check_ids(ids, self.vocab_size))
+
+    def decode(self, ids) -> str:
+        # A token sequence can end mid-character (or be any bytes at all): never fail on it.
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.decode_bytes([i])
+
+    def to_dict(self) -> dict:
+        return {"kind": "bpe", "pattern": self.pattern, "merges": [list(m) for m in self.merges],
+                "special_tokens": self.special_tokens}
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        _write_json_atomic(path, self.to_dict())
+        return path
+
+
+class GPT2Tokenizer:
+    """OpenAI's GPT-2 tokenizer via ``tiktoken.get_encoding("gpt2")``."""
+    name = "gpt2"
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.encoding = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network and no cache: requests/urllib/hash errors
+            raise UserError("cannot load the GPT-2 tokenizer files: set TIKTOKEN_CACHE_DIR to a "
+                            "folder holding tiktoken's gpt2 files, or connect to the internet "
+                            f"({type(e).__name__})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all")
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.encoding.decode_bytes(_check_ids(ids, self.vocab_size))
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"kind": "gpt2"}
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        _write_json_atomic(path, self.to_dict())
+        return path
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in TOKENIZER_KINDS:
+        raise UserError(f"unknown tokenizer {kind!r}; choose one of: {', '.join(TOKENIZER_KINDS)}")
+    return kind
+
+
+def get_tokenizer(kind: str, text: str | None = None, vocab_size: int | None = None):
+    """Build a tokenizer: ``char`` and ``bpe`` are trained on ``text``; ``gpt2`` is fixed."""
+    _check_kind(kind)
+    if kind == "gpt2":
+        tok = GPT2Tokenizer()
+        if vocab_size and int(vocab_size) != tok.vocab_size:
+            raise UserError(f"the gpt2 tokenizer has vocab_size {tok.vocab_size}, not {vocab_size};"
+                            " drop --vocab-size")
+        return tok
+    if text is None:
+        raise ValueError(f"the {kind} tokenizer is trained on text: pass text=")
+    if not text:
+        raise UserError(f"cannot train a {kind} tokenizer on empty text; use a non-empty source")
+    if kind == "char":
+        if vocab_size:
+            raise UserError("the char tokenizer's vocab_size is set by the text; drop --vocab-size "
+                            "or use --tokenizer bpe")
+        return CharTokenizer.train(text)
+    return BPETokenizer.train(text, vocab_size or DEFAULT_BPE_VOCAB)
+
+
+def tokenizer_from_dict(d: dict):
+    kind = _check_kind(d.get("kind"))
+    if kind == "char":
+        return CharTokenizer(d["chars"])
+    if kind == "bpe":
+        return BPETokenizer(d["merges"], d["special_tokens"], d.get("pattern", GPT2_PATTERN))
+    return GPT2Tokenizer()
+
+
+def load_tokenizer(path):
+    """Read the tokenizer saved in a dataset dir (or the ``tokenizer.json`` path itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"no tokenizer at {path}; run `minillm prepare` to create the dataset")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a valid tokenizer file ({e}); prepare the dataset again") \
+            from None
+    return tokenizer_from_dict(d)
