@@ -1,1 +1,13 @@
-"""minillm.distributed."""
+"""minillm.distributed: MPI communication, the ring all-reduce and data parallelism.
+
+``comm.py`` is the only file that imports mpi4py (lazily: importing minillm never starts MPI).
+"""
+from minillm.distributed.comm import (Comm, Request, SerialComm, exit_with_error, get_world_comm,
+                                      install_abort_handler, mpi_available, require_mpi, wait_all)
+from minillm.distributed.data_parallel import DataParallel
+from minillm.distributed.ring import ring_allreduce_
+
+__all__ = [
+    "Comm", "SerialComm", "Request", "wait_all", "get_world_comm", "mpi_available", "require_mpi",
+    "install_abort_handler", "exit_with_error", "ring_allreduce_", "DataParallel",
+]

@@ -1,0 +1,373 @@
+"""Communication: the one file that imports mpi4py.
+
+``Comm`` wraps an mpi4py communicator with the few operations training needs, all on arrays
+(the fast, upper-case buffer methods) plus a couple for small Python objects. ``SerialComm`` has
+the same interface for a world of one process, so a trainer written against ``Comm`` runs
+unchanged without MPI. The communicator is always passed explicitly; nothing here is global.
+
+Arrays may live on the GPU (CuPy). When the MPI library is CUDA-aware their device memory goes
+straight to MPI; otherwise it is staged through a host NumPy copy. NumPy arrays are always
+handed to MPI as they are (zero-copy), so they must be C-contiguous.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import sys
+import threading
+import traceback
+
+import numpy
+
+from minillm import backend
+from minillm.errors import UserError
+
+_OPS = ("sum", "max", "min", "prod")
+
+
+def _import_mpi():
+    """The mpi4py ``MPI`` module, or None. Imported lazily: ``import minillm`` never loads MPI."""
+    try:
+        from mpi4py import MPI  # the one place mpi4py is imported
+    except (ImportError, RuntimeError):  # not installed, or no MPI library found behind it
+        return None
+    return MPI
+
+
+def mpi_available() -> bool:
+    return _import_mpi() is not None
+
+
+def require_mpi(reason: str, nprocs: int | None = None) -> None:
+    """Raise a one-line UserError when mpi4py cannot be imported. ``reason``: e.g. ``"dp=2"``."""
+    if not mpi_available():
+        n = nprocs if nprocs is not None else "N"
+        raise UserError(f"{reason} needs MPI: pip install 'minillm[mpi]' (mpi4py + mpich) and launch "
+                        f"with mpirun -np {n} python -m mpi4py -m minillm ...")
+
+
+def get_world_comm() -> "Comm | SerialComm":
+    """``Comm(MPI.COMM_WORLD)`` when mpi4py imports (a world of one is fine), else ``SerialComm``."""
+    MPI = _import_mpi()
+    return SerialComm() if MPI is None else Comm(MPI.COMM_WORLD)
+
+
+def _check_op(op: str) -> str:
+    if op not in _OPS:
+        raise ValueError(f"unknown reduction op {op!r}; expected one of {_OPS}")
+    return op
+
+
+def _cuda_aware(MPI) -> bool:
+    """Can this MPI library read and write CUDA device memory?
+
+    ``MINILLM_CUDA_AWARE_MPI=0|1`` overrides. Otherwise ask the library: mpi4py may expose
+    ``Query_cuda_support``; if not, look the MPIX query up in the loaded libmpi with ctypes
+    (Open MPI and MPICH both export ``MPIX_Query_cuda_support``). Anything unknown means no.
+    """
+    env = os.environ.get("MINILLM_CUDA_AWARE_MPI", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    query = getattr(MPI, "Query_cuda_support", None)
+    if query is not None:
+        try:
+            return bool(query())
+        except Exception:
+            return False
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "libmpi" in line and "/" in line})
+        for path in libs:
+            fn = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+            if fn is not None:
+                return bool(fn())
+    except OSError:
+        pass
+    return False
+
+
+class Request:
+    """A pending non-blocking operation. ``wait()`` blocks until it is complete (calling it again
+    does nothing); ``finish`` then copies a staged host buffer back to the device, if any."""
+
+    def __init__(self, mpi_request=None, finish=None, keep=None):
+        self._req = mpi_request
+        self._finish = finish
+        self._keep = keep  # buffers MPI is still reading or writing must stay alive until done
+        self.done = mpi_request is None and finish is None
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        if self._req is not None:
+            self._req.Wait()
+        if self._finish is not None:
+            self._finish()
+        self.done = True
+        self._req = self._finish = self._keep = None
+
+    def test(self) -> bool:
+        """True (and finished) when the operation has completed; never blocks."""
+        if not self.done and (self._req is None or self._req.Test()):
+            self._req = None
+            self.wait()
+        return self.done
+
+
+def wait_all(requests) -> None:
+    for r in requests:
+        r.wait()
+
+
+class Comm:
+    """An mpi4py communicator with in-place array collectives and point-to-point messages.
+
+    Methods ending in ``_`` work in place on their array argument and return it.
+    """
+
+    def __init__(self, mpi_comm):
+        self._MPI = _import_mpi()
+        self._comm = mpi_comm
+        self.rank: int = mpi_comm.Get_rank()
+        self.size: int = mpi_comm.Get_size()
+        self._cuda_aware = None  # asked once, on the first device array
+
+    def __repr__(self):
+        return f"Comm(rank={self.rank}, size={self.size})"
+
+    # --- buffers ------------------------------------------------------------------------------
+    def _buffer(self, a, write_back: bool):
+        """(what to hand to MPI, what to run after MPI is done with it)."""
+        if isinstance(a, numpy.ndarray):
+            if not a.flags.c_contiguous:
+                raise ValueError("MPI buffers must be C-contiguous arrays (use xp.ascontiguousarray)")
+            return a, None
+        backend.synchronize()  # the kernels that wrote ``a`` must finish before MPI reads it
+        if self._cuda_aware is None:
+            self._cuda_aware = _cuda_aware(self._MPI)
+        if self._cuda_aware:
+            if not a.flags.c_contiguous:
+                raise ValueError("MPI buffers must be C-contiguous arrays (use xp.ascontiguousarray)")
+            return a, None
+        host = numpy.ascontiguousarray(backend.to_numpy(a))  # a host copy (blocks until copied)
+
+        def copy_back():
+            a[...] = backend.asarray(host)
+
+        return host, (copy_back if write_back else None)
+
+    def _op(self, op):
+        MPI = self._MPI
+        return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[_check_op(op)]
+
+    # --- collectives --------------------------------------------------------------------------
+    def barrier(self) -> None:
+        self._comm.Barrier()
+
+    def bcast_(self, a, root: int = 0):
+        buf, finish = self._buffer(a, write_back=True)
+        self._comm.Bcast(buf, root=root)
+        if finish:
+            finish()
+        return a
+
+    def allreduce_(self, a, op: str = "sum"):
+        buf, finish = self._buffer(a, write_back=True)
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._op(op))
+        if finish:
+            finish()
+        return a
+
+    def iallreduce_(self, a, op: str = "sum") -> Request:
+        """Start an in-place all-reduce; ``a`` holds the result once ``.wait()`` returns."""
+        buf, finish = self._buffer(a, write_back=True)
+        req = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._op(op))
+        return Request(req, finish, keep=buf)
+
+    def allreduce_scalar(self, x, op: str = "sum") -> float:
+        buf = numpy.array([float(x)], dtype=numpy.float64)
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._op(op))
+        return float(buf[0])
+
+    def bcast_obj(self, obj, root: int = 0):
+        """Broadcast a small picklable Python object (configs, paths, flags)."""
+        return self._comm.bcast(obj, root=root)
+
+    def allgather_obj(self, obj) -> list:
+        """Every rank's small picklable object, in rank order."""
+        return self._comm.allgather(obj)
+
+    # --- point to point -----------------------------------------------------------------------
+    def send(self, a, dest: int, tag: int = 0) -> None:
+        buf, _ = self._buffer(a, write_back=False)
+        self._comm.Send(buf, dest=dest, tag=tag)
+
+    def recv(self, a, source: int, tag: int = 0):
+        """Receive into the preallocated array ``a`` (shape and dtype must match the message)."""
+        buf, finish = self._buffer(a, write_back=True)
+        self._comm.Recv(buf, source=source, tag=tag)
+        if finish:
+            finish()
+        return a
+
+    def isend(self, a, dest: int, tag: int = 0) -> Request:
+        buf, _ = self._buffer(a, write_back=False)
+        return Request(self._comm.Isend(buf, dest=dest, tag=tag), None, keep=buf)
+
+    def irecv(self, a, source: int, tag: int = 0) -> Request:
+        buf, finish = self._buffer(a, write_back=True)
+        return Request(self._comm.Irecv(buf, source=source, tag=tag), finish, keep=buf)
+
+    def sendrecv(self, send, dest: int, recv, source: int, sendtag: int = 0, recvtag: int | None = None):
+        """Send ``send`` to ``dest`` while receiving into ``recv`` from ``source`` (no deadlock
+        when every rank does this at once, as in a ring). Returns ``recv``."""
+        sbuf, _ = self._buffer(send, write_back=False)
+        rbuf, finish = self._buffer(recv, write_back=True)
+        self._comm.Sendrecv(sbuf, dest=dest, sendtag=sendtag, recvbuf=rbuf, source=source,
+                            recvtag=sendtag if recvtag is None else recvtag)
+        if finish:
+            finish()
+        return recv
+
+    # --- structure and failure ----------------------------------------------------------------
+    def split(self, color: int, key: int = 0) -> "Comm":
+        """Sub-communicators: ranks with the same ``color`` end up together, ordered by ``key``."""
+        return Comm(self._comm.Split(color, key))
+
+    def abort(self, code: int = 1) -> None:
+        """End every process of the job now (MPI_Abort), with exit status ``code``."""
+        _flush_std()
+        self._comm.Abort(code)
+
+
+class SerialComm:
+    """The ``Comm`` interface for a world of one: collectives leave arrays as they are,
+    messages to oneself (rank 0) are copied through a mailbox."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self):
+        self._mailbox = collections.defaultdict(collections.deque)  # tag -> queued copies
+
+    def __repr__(self):
+        return "SerialComm(rank=0, size=1)"
+
+    @staticmethod
+    def _peer(r):
+        if r != 0:
+            raise ValueError(f"SerialComm has only rank 0, not rank {r}")
+
+    def barrier(self) -> None:
+        pass
+
+    def bcast_(self, a, root: int = 0):
+        self._peer(root)
+        return a
+
+    def allreduce_(self, a, op: str = "sum"):
+        _check_op(op)
+        return a
+
+    def iallreduce_(self, a, op: str = "sum") -> Request:
+        _check_op(op)
+        return Request()
+
+    def allreduce_scalar(self, x, op: str = "sum") -> float:
+        _check_op(op)
+        return float(x)
+
+    def bcast_obj(self, obj, root: int = 0):
+        self._peer(root)
+        return obj
+
+    def allgather_obj(self, obj) -> list:
+        return [obj]
+
+    def send(self, a, dest: int, tag: int = 0) -> None:
+        self._peer(dest)
+        self._mailbox[tag].append(a.copy())
+
+    def recv(self, a, source: int, tag: int = 0):
+        self._peer(source)
+        if not self._mailbox[tag]:
+            raise RuntimeError(f"SerialComm.recv: nothing was sent with tag {tag} (would deadlock)")
+        a[...] = self._mailbox[tag].popleft()
+        return a
+
+    def isend(self, a, dest: int, tag: int = 0) -> Request:
+        self.send(a, dest, tag)
+        return Request()
+
+    def irecv(self, a, source: int, tag: int = 0) -> Request:
+        self._peer(source)
+        return Request(None, lambda: self.recv(a, source, tag))
+
+    def sendrecv(self, send, dest: int, recv, source: int, sendtag: int = 0, recvtag: int | None = None):
+        self._peer(dest)
+        self._peer(source)
+        recv[...] = send
+        return recv
+
+    def split(self, color: int, key: int = 0) -> "SerialComm":
+        return SerialComm()
+
+    def abort(self, code: int = 1) -> None:
+        _flush_std()
+        os._exit(code)
+
+
+# --- ending the whole job on an error -----------------------------------------------------------
+def _flush_std():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def format_error(comm, exc: BaseException, tb=None) -> tuple[str, int]:
+    """(text for stderr, exit code): a one-line ``error: ...`` (code 2) for a UserError, else the
+    traceback (code 1). With several ranks, every line but rank 0's user error names its rank."""
+    tag = f"[rank {comm.rank}] " if comm.size > 1 else ""
+    if isinstance(exc, UserError):
+        one_line = " ".join(str(exc).split())
+        return f"{tag if comm.rank != 0 else ''}error: {one_line}\n", 2
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{tag}interrupted\n", 130
+    text = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+    return "".join(tag + line for line in text.splitlines(keepends=True)), 1
+
+
+def exit_with_error(comm, exc: BaseException, tb=None):
+    """Print ``exc`` (see ``format_error``) and end the job: MPI_Abort when there are several
+    ranks (the others may be blocked in a collective; only an abort frees them), else exit."""
+    text, code = format_error(comm, exc, tb)
+    _flush_std()
+    sys.stderr.write(text)
+    _flush_std()
+    if comm.size > 1:
+        comm.abort(code)
+    os._exit(code)
+
+
+def install_abort_handler(comm) -> None:
+    """Make an uncaught exception on any rank, in any thread, end the whole job (never a hang).
+
+    A world of one keeps Python's own handling of bugs (exit code 1) and only turns a UserError
+    into the one-line message with exit code 2.
+    """
+    def hook(exc_type, exc, tb):
+        if comm.size == 1 and not isinstance(exc, UserError):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        exit_with_error(comm, exc, tb)
+
+    def thread_hook(args):
+        if args.exc_type is SystemExit:
+            return
+        hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
