@@ -31,7 +31,7 @@ def load_params(named_params, state, source):
 class LocalSync:
     """No gradient communication: a world of one (the no-op stand-in for DataParallel)."""
 
-    comm_wait_s = 0.0
+    last_wait_s = 0.0
 
     def no_sync(self):
         return contextlib.nullcontext()
@@ -67,6 +67,11 @@ class LocalEngine:
 
     def named_parameters(self):
         return list(self.model.named_parameters())
+
+    @property
+    def comm_wait_s(self):
+        """Seconds the last step spent blocked on gradient communication."""
+        return self.sync.last_wait_s
 
     def forward_backward(self, microbatches):
         """Accumulate d(mean loss)/d(params) over the micro-batches; returns the mean loss."""

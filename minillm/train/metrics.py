@@ -14,6 +14,8 @@ def format_line(m):
         parts.append(f"{m['tokens_per_s'] / 1000:.1f}k tok/s")
     if m.get("ms_per_step"):
         parts.append(f"{m['ms_per_step']:.0f} ms")
+    if m.get("comm_wait_ms") is not None:
+        parts.append(f"comm wait {m['comm_wait_ms']:.1f} ms")
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     if m.get("loss_scale") is not None:
@@ -22,8 +24,9 @@ def format_line(m):
 
 
 class MetricsLog:
-    """Appends records to ``run_dir/metrics.jsonl``. On resume from step s, records of steps >= s
-    (written by the interrupted run after its checkpoint) are dropped, so the file reads as one run."""
+    """Appends records to ``run_dir/metrics.jsonl``. On resume from a checkpoint taken after step s,
+    records of steps > s (written by the interrupted run after its checkpoint) are dropped, so the
+    file reads as one run; step s's own record was logged before that checkpoint and stays."""
 
     def __init__(self, run_dir, start_step=0, enabled=True):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -34,7 +37,7 @@ class MetricsLog:
         if start_step > 0 and self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line)["step"] < start_step:
+                    if json.loads(line)["step"] <= start_step:
                         kept.append(line)
                 except (ValueError, KeyError):
                     continue

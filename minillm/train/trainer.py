@@ -268,6 +268,8 @@ class Trainer:
                               "tokens_per_s": tokens_per_step / dt, "ms_per_step": 1000 * dt,
                               "mfu": fpt * tokens_per_step / dt / peak / self.comm.size if peak else None,
                               "tokens_seen": self.tokens_seen}
+                    if self.comm.size > 1:
+                        record["comm_wait_ms"] = 1000 * getattr(self.engine, "comm_wait_s", 0.0)
                     if self.precision.loss_scale is not None:
                         record.update(loss_scale=self.precision.loss_scale, skipped_steps=skipped)
                 if is_eval:
