@@ -70,6 +70,8 @@ def build_parser():
     s.add_argument("config", nargs="?", default=None)
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--torch", action="store_true", help="also time the same model in PyTorch")
+    s.add_argument("--threads", type=int, default=None, help="BLAS / PyTorch threads (default: as set)")
+    s.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     return p
 
 
@@ -140,7 +142,10 @@ def _inspect(args):
 
 def _bench(args, overrides):
     from minillm.bench import run_bench
-    run_bench(args.config, overrides, steps=args.steps, with_torch=args.torch)
+    if args.steps < 1:
+        raise UserError(f"--steps={args.steps} must be >= 1")
+    run_bench(args.config, overrides, steps=args.steps, with_torch=args.torch, threads=args.threads,
+              as_json=args.json)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Optional references for benchmarks and comparison tests (PyTorch); never imported by training."""
