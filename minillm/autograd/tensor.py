@@ -56,6 +56,7 @@ class Tensor:
     """An array that can take part in automatic differentiation."""
 
     __array_priority__ = 1000  # so numpy_array + tensor calls Tensor.__radd__
+    _graph_freed = False  # set once backward dropped the graph that made this tensor
 
     def __init__(self, data, requires_grad=False, dtype=None, _check=True):
         if _check:
@@ -131,6 +132,8 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): gradient shape {grad.shape} does not match tensor "
                                  f"shape {self.shape}")
+        if self._graph_freed:
+            raise RuntimeError(_FREED_MSG)
         order, leaf_uses = _topological_order(self)
         if self._ctx is None:  # backward on a leaf itself
             _accumulate_leaf(self, grad)
@@ -161,6 +164,7 @@ class Tensor:
                     grads[id(parent)] = pg if prev is None else prev + pg  # never in place: pg may be shared
             if not retain_graph:
                 node._ctx = None
+                node._graph_freed = True
                 ctx.saved_tensors = ()
                 ctx.parents = ()
 
@@ -213,7 +217,7 @@ class Tensor:
     def transpose(self, *axes):
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
             axes = tuple(axes[0])
-        if len(axes) == 2 and self.ndim != 2:  # transpose(dim0, dim1): swap two axes
+        if len(axes) == 2:  # transpose(dim0, dim1) swaps two axes (PyTorch's rule); permute() permutes
             perm = list(range(self.ndim))
             perm[axes[0]], perm[axes[1]] = perm[axes[1]], perm[axes[0]]
             axes = tuple(perm)
@@ -263,6 +267,10 @@ def _lift(x, like):
     return Tensor(x)
 
 
+_FREED_MSG = ("backward() through a graph that an earlier backward() already freed: pass "
+              "retain_graph=True to the first backward() to run backward through it again")
+
+
 def _topological_order(root):
     """Non-leaf nodes reachable from ``root`` in topological order (inputs before outputs), and
     for each leaf that needs a gradient, how many op inputs use it (for the grad-ready hooks)."""
@@ -281,6 +289,8 @@ def _topological_order(root):
         for parent, need in zip(node._ctx.parents, node._ctx.needs_input_grad):
             if not need:
                 continue
+            if parent._graph_freed:  # else it would pass for a leaf and its inputs get nothing
+                raise RuntimeError(_FREED_MSG)
             if parent._ctx is None:
                 leaf_uses[id(parent)] = leaf_uses.get(id(parent), 0) + 1
             elif id(parent) not in visited:

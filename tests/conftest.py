@@ -1,0 +1,70 @@
+"""Shared pytest fixtures for the whole suite (kept small; other test files may add theirs here).
+
+- ``rng``: a seeded NumPy Generator, fresh for each test, so test data is reproducible.
+- ``shared_data``: the folder of real data next to the repository (``../shared/data``), which the
+  tests (never the package) may read; a test that asks for it is skipped when it is absent.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+
+# ---------------------------------------------------------------- end-to-end runs (train / cli / resume)
+# Used by test_train.py, test_cli.py and test_resume.py: one prepared dataset for the whole session
+# and a runner for the real `python -m minillm` command (one BLAS thread, output captured).
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    """The embedded pydocs text prepared once with the char tokenizer (a data.dir for configs)."""
+    from minillm.data import prepare_dataset
+    out = tmp_path_factory.mktemp("pydocs_char")
+    prepare_dataset("pydocs", out, "char")
+    return out
+
+
+def minillm_env() -> dict:
+    """Environment for a `python -m minillm` child: this checkout importable, one BLAS thread."""
+    import os
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="session")
+def minillm_cli():
+    """``minillm_cli("train", CONFIG, "--a.b=c", cwd=DIR)`` runs the real CLI -> CompletedProcess.
+    ``minillm_cli.popen(...)`` starts it without waiting (for tests that signal or kill it)."""
+    import subprocess
+    import sys
+
+    def argv(args):
+        return [sys.executable, "-m", "minillm", *map(str, args)]
+
+    def run(*args, cwd, timeout=120):
+        return subprocess.run(argv(args), cwd=cwd, env=minillm_env(), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def popen(*args, cwd):
+        return subprocess.Popen(argv(args), cwd=cwd, env=minillm_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    run.popen = popen
+    return run
