@@ -3,50 +3,28 @@
 The trainer only ever calls a *precision* object (``make_precision(train_cfg, named_params)``):
 
     precision.master_params          # (name, Parameter) list the optimizer updates (fp32)
-    precision.master_to_model()      # before forward: copy master weights into the model's dtype
     precision.scale_loss(loss)       # loss * scale (a Tensor), for backward
     found_inf = precision.grads_to_master()   # after backward (and gradient sync): model grads ->
                                      # fp32 master grads, unscaled; True if any inf/nan
-    precision.update(found_inf)      # grow / back off the loss scale
+    precision.master_to_model()      # after an optimizer step or a checkpoint load: master
+                                     # weights -> the model's dtype
+    precision.update(found_inf)      # grow / back off the loss scale (LossDivergedError below
+                                     # min_scale: the trainer saves the last good state, exits 2)
     precision.loss_scale             # current scale (None when there is none)
     precision.state_dict() / load_state_dict(d)
 
-``FullPrecision`` (float32) does nothing: the model's parameters are the master parameters.
+``train.dtype``: float32 -> ``FullPrecision`` (does nothing: the model's parameters are the master
+parameters); float16 -> ``MixedPrecision`` with a ``DynamicLossScaler``; bfloat16 ->
+``MixedPrecision`` with ``NoLossScaler`` (bfloat16 has float32's range). The model never knows:
+the ops compute softmax, normalisation statistics and the loss in float32 and multiply 16-bit
+matrices with float32 accumulation whatever dtype their inputs have.
 """
-from minillm.errors import UserError
+from minillm.amp.dtypes import DTYPE_NAMES, FormatInfo, compute_dtype, format_info, is_half
+from minillm.amp.precision import FullPrecision, MixedPrecision, make_precision, make_scaler
+from minillm.amp.scaler import DynamicLossScaler, LossDivergedError, NoLossScaler
 
-
-class FullPrecision:
-    """float32 training: every method is a no-op (no ``if dtype`` chains in the trainer)."""
-
-    dtype = "float32"
-    loss_scale = None
-
-    def __init__(self, named_params):
-        self.master_params = list(named_params)
-
-    def master_to_model(self):
-        pass
-
-    def scale_loss(self, loss):
-        return loss
-
-    def grads_to_master(self):
-        return False
-
-    def update(self, found_inf):
-        pass
-
-    def state_dict(self):
-        return {"dtype": self.dtype}
-
-    def load_state_dict(self, state):
-        pass
-
-
-def make_precision(train_cfg, named_params):
-    """The precision object for ``train.dtype``, over the (name, Parameter) pairs the model
-    computes with on this process."""
-    if train_cfg.dtype == "float32":
-        return FullPrecision(named_params)
-    raise UserError(f"train.dtype={train_cfg.dtype!r} is not available yet; use 'float32'")
+__all__ = [
+    "DTYPE_NAMES", "DynamicLossScaler", "FormatInfo", "FullPrecision", "LossDivergedError",
+    "MixedPrecision", "NoLossScaler", "compute_dtype", "format_info", "is_half", "make_precision",
+    "make_scaler",
+]

@@ -9,13 +9,13 @@ float32 even when activations are float16/bfloat16 (mixed precision).
 import math
 
 from minillm.autograd.function import Function
-from minillm.autograd.ops import mm
+from minillm.autograd.ops import acc_dtype, mm, mm_operand, upcast
 from minillm.backend import xp
 
 
 def _f32(a):
     """float32 view of a half-precision array (statistics are never taken in 16 bits)."""
-    return a.astype(xp.float32) if a.dtype.itemsize < 4 else a
+    return upcast(a)
 
 
 class Linear(Function):
@@ -27,21 +27,21 @@ class Linear(Function):
             raise ValueError(f"linear: input of shape {x.shape} has {x.shape[-1]} features but the "
                              f"weight of shape {w.shape} expects {w.shape[1]}")
         x2 = x.reshape(-1, x.shape[-1])                      # (N, in), N = B*T: one big GEMM
-        y = mm(x2, w.T)                                       # (N, out)
+        y = mm(x2, w.T, dtype=acc_dtype(x.dtype))             # (N, out), the fp32 accumulator for 16-bit x
         if b is not None:
-            y += b
+            y += b                                            # added before rounding, as a GEMM epilogue
         ctx.save_for_backward(x2, w)
         ctx.x_shape = x.shape
-        return y.reshape(x.shape[:-1] + (w.shape[0],))        # (..., out)
+        return y.astype(x.dtype, copy=False).reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
 
     @staticmethod
     def backward(ctx, g):
         x2, w = ctx.saved_tensors
         need_x, need_w, need_b = (ctx.needs_input_grad + (False,))[:3]
-        g2 = g.reshape(-1, g.shape[-1])                       # (N, out)
-        gx = mm(g2, w).reshape(ctx.x_shape) if need_x else None
-        gw = mm(g2.T, x2) if need_w else None                 # (out, in)
-        gb = g2.sum(axis=0) if need_b else None
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out), cast once for both products
+        gx = mm(g2, w, dtype=g.dtype).reshape(ctx.x_shape) if need_x else None
+        gw = mm(g2.T, x2, dtype=g.dtype) if need_w else None  # (out, in)
+        gb = g2.sum(axis=0, dtype=acc_dtype(g.dtype)).astype(g.dtype, copy=False) if need_b else None
         return gx, gw, gb
 
 
@@ -98,11 +98,14 @@ class CrossEntropy(Function):
         if t_safe.size and (int(t_safe.max()) >= V or int(t_safe.min()) < 0):
             raise ValueError(f"cross_entropy: target ids must be in [0, {V}) (or ignore_index)")
         probs = x - x.max(axis=1, keepdims=True)              # shifted logits, (N, V)
+        rows = xp.arange(t.shape[0])
+        target = probs[rows, t_safe]                          # shifted logit of each target, (N,)
         xp.exp(probs, out=probs)
         sums = probs.sum(axis=1, keepdims=True)               # (N, 1)
         probs /= sums
-        rows = xp.arange(t.shape[0])
-        logp = xp.log(probs[rows, t_safe])                    # log-prob of each target, (N,)
+        # log-prob of each target, (N,), from the shifted logit: log(probs[target]) would be
+        # log(0) = -inf once a target's probability underflows (logits ~1e3 apart)
+        logp = target - xp.log(sums[:, 0])
         n = max(int(valid.sum()), 1)
         loss = -(logp * valid).sum() / n
         ctx.save_for_backward(probs, t_safe, valid)
@@ -118,11 +121,19 @@ class CrossEntropy(Function):
         return d.reshape(ctx.shape).astype(ctx.dtype, copy=False), None
 
 
+def _check_norm(name, x, w, b=None):
+    for what, p in (("weight", w), ("bias", b)):
+        if p is not None and p.shape != x.shape[-1:]:
+            raise ValueError(f"{name}: {what} of shape {p.shape} does not match the last axis of the "
+                             f"input of shape {x.shape} (expected ({x.shape[-1]},))")
+
+
 class LayerNorm(Function):
     """y = (x - mean) / sqrt(var + eps) * w + b over the last axis."""
 
     @staticmethod
     def forward(ctx, x, w, b=None, eps=1e-5):
+        _check_norm("layer_norm", x, w, b)
         xf = _f32(x)
         mean = xf.mean(axis=-1, keepdims=True)
         xhat = xf - mean
@@ -158,6 +169,7 @@ class RMSNorm(Function):
 
     @staticmethod
     def forward(ctx, x, w, eps=1e-5):
+        _check_norm("rms_norm", x, w)
         xf = _f32(x)
         rstd = 1.0 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
         xhat = xf * rstd
@@ -184,28 +196,32 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 class GELU(Function):
     """GELU, tanh approximation (GPT-2) or exact with erf (approximate='none')."""
 
+    # 16-bit inputs are computed in float32 and rounded once: NumPy's float16 arithmetic is slow
+    # and a Python float times a bfloat16 array gives float32; what is saved stays 16-bit.
     @staticmethod
     def forward(ctx, x, approximate="tanh"):
         ctx.approximate = approximate
+        xf = _f32(x)
         if approximate == "tanh":
-            t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))
-            ctx.save_for_backward(x, t)
-            return 0.5 * x * (1.0 + t)
-        if approximate != "none":
+            t = xp.tanh(_GELU_K * (xf + 0.044715 * xf * xf * xf))
+        elif approximate == "none":
+            from minillm.backend import erf
+            t = erf(xf * (1.0 / math.sqrt(2.0)))
+        else:
             raise ValueError(f"gelu: approximate={approximate!r} must be 'tanh' or 'none'")
-        from minillm.backend import erf
-        e = erf(x * (1.0 / math.sqrt(2.0)))
-        ctx.save_for_backward(x, e)
-        return 0.5 * x * (1.0 + e)
+        ctx.save_for_backward(x, t.astype(x.dtype, copy=False))
+        return (0.5 * xf * (1.0 + t)).astype(x.dtype, copy=False)
 
     @staticmethod
     def backward(ctx, g):
-        x, t = ctx.saved_tensors
+        x, t = (_f32(a) for a in ctx.saved_tensors)
         if ctx.approximate == "tanh":
             inner = _GELU_K * (1.0 + 3 * 0.044715 * x * x)
-            return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner)
-        pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-        return g * (0.5 * (1.0 + t) + x * pdf)
+            d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner
+        else:
+            pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+            d = 0.5 * (1.0 + t) + x * pdf
+        return (_f32(g) * d).astype(g.dtype, copy=False)
 
 
 _MASKS = {}
@@ -227,8 +243,12 @@ class CausalAttention(Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
+        if q.shape[-1] != k.shape[-1] or k.shape[:-1] != v.shape[:-1] or q.shape[:-2] != k.shape[:-2]:
+            raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape} and v {v.shape} "
+                             f"do not fit: expected q (B, nh, Tq, hs), k (B, nh, Tk, hs), "
+                             f"v (B, nh, Tk, hs_v)")
         scale = 1.0 / math.sqrt(q.shape[-1])
-        att = _f32(mm(q, k.swapaxes(-1, -2)))                 # (B, nh, Tq, Tk)
+        att = mm(q, k.swapaxes(-1, -2), dtype=acc_dtype(q.dtype))  # (B, nh, Tq, Tk), fp32 scores
         att *= scale
         att += _causal_mask(q.shape[-2], k.shape[-2], att.dtype)
         att -= att.max(axis=-1, keepdims=True)
@@ -243,7 +263,8 @@ class CausalAttention(Function):
     def backward(ctx, g):
         q, k, v, att = ctx.saved_tensors
         dv = mm(att.swapaxes(-1, -2), g)                      # (B, nh, Tk, hs)
-        datt = _f32(mm(g, v.swapaxes(-1, -2)))                # (B, nh, Tq, Tk)
+        datt = mm(g, v.swapaxes(-1, -2), dtype=acc_dtype(g.dtype))  # (B, nh, Tq, Tk)
+        att = _f32(att)                                       # cast once for the two products below
         datt -= (datt * att).sum(axis=-1, keepdims=True)      # softmax backward
         datt *= att
         datt *= ctx.scale
@@ -266,7 +287,12 @@ class Rope(Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return x * cos + _rotate_half(x) * sin
+        try:
+            return x * cos + _rotate_half(x) * sin
+        except ValueError:
+            raise ValueError(f"rope: cos/sin of shapes {cos.shape}, {sin.shape} do not broadcast "
+                             f"against the input of shape {x.shape} "
+                             f"(expected (T, hs) = {x.shape[-2:]})") from None
 
     @staticmethod
     def backward(ctx, g):

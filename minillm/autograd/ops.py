@@ -4,19 +4,56 @@ Conventions: forward gets xp arrays, returns one array; backward gets dL/d(out) 
 gradient per input (None where no gradient is needed). Gradients may keep a broadcast shape: the
 engine (tensor.py) sums them back to the input's shape.
 """
+import functools
+
 from minillm import backend
 from minillm.autograd.function import Function
 from minillm.autograd.tensor import Tensor
 from minillm.backend import xp
 
 
-def mm(a, b):
-    """Matrix product in the arrays' dtype. Half-precision inputs are multiplied in float32 and the
-    result rounded back: what GPU tensor cores do (fp32 accumulation); on the CPU NumPy's own
-    float16 matmul is ~200x slower than float32, so the cast is also much faster."""
-    if a.dtype.itemsize == 2 and not backend.is_gpu():
-        return (a.astype(xp.float32) @ b.astype(xp.float32)).astype(a.dtype)
-    return a @ b
+def acc_dtype(dtype):
+    """The dtype sums and products of ``dtype`` values accumulate in: float32 for the 16-bit
+    formats (float16, bfloat16), the dtype itself otherwise (float64 gradchecks stay float64)."""
+    return xp.float32 if dtype.itemsize < 4 else dtype
+
+
+@functools.lru_cache(maxsize=1)
+def _float16_table():
+    return xp.arange(65536, dtype=xp.uint16).view(xp.float16).astype(xp.float32)  # bits -> value
+
+
+def upcast(a):
+    """float32 copy of a 16-bit array (exact); wider arrays are returned as they are.
+
+    On the CPU float16 goes through a 65536-entry table indexed by the bits: NumPy converts
+    float16 one element at a time, several times slower than this gather."""
+    if a.dtype.itemsize >= 4:
+        return a
+    if a.dtype == xp.float16 and not backend.is_gpu():
+        return xp.take(_float16_table(), a.view(xp.uint16))
+    return a.astype(xp.float32)
+
+
+def mm_operand(a):
+    """``a`` in the form a matmul multiplies it: on the CPU a 16-bit array is cast up to float32
+    (exact), so an operand used by several products is cast once; on the GPU it stays 16-bit for
+    the tensor cores."""
+    return a if backend.is_gpu() else upcast(a)
+
+
+def mm(a, b, dtype=None):
+    """Matrix product with 16-bit inputs and float32 accumulation, as GPU tensor cores do.
+
+    The result has ``dtype``, by default the 16-bit input's (the product is rounded once); pass
+    float32 to keep the accumulator unrounded (attention scores, a bias added before rounding).
+    On the CPU the 16-bit inputs are cast up and multiplied in float32: NumPy's own float16
+    matmul is ~200x slower, and bfloat16 has none."""
+    half = a.dtype if a.dtype.itemsize == 2 else b.dtype if b.dtype.itemsize == 2 else None
+    if half is not None and not backend.is_gpu():
+        return (mm_operand(a) @ mm_operand(b)).astype(dtype or half, copy=False)
+    out = a @ b
+    return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def _swap(a):
@@ -134,7 +171,11 @@ class MatMul(Function):
                              f"(last dim of the first {a.shape[-1]} != second-to-last of the second "
                              f"{b.shape[-2]})")
         ctx.save_for_backward(a, b)
-        return mm(a, b)
+        try:
+            return mm(a, b)
+        except ValueError:
+            raise ValueError(f"matmul: the batch dims of shapes {a.shape} and {b.shape} cannot be "
+                             f"broadcast together") from None
 
     @staticmethod
     def backward(ctx, g):
@@ -154,6 +195,11 @@ def matmul(a, b):
     """NumPy matmul semantics, 1-D operands included (promoted to 2-D, then squeezed)."""
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: scalar operands are not allowed (shapes {a.shape} and {b.shape}); use *")
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != k_b:  # checked before promoting 1-D operands: the message shows the user's shapes
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not line up (last dim of the "
+                         f"first {a.shape[-1]} != {'only' if b.ndim == 1 else 'second-to-last'} dim "
+                         f"of the second {k_b})")
     squeeze_a, squeeze_b = a.ndim == 1, b.ndim == 1
     if squeeze_a:
         a = a.reshape(1, a.shape[0])  # (k,) -> (1, k)
@@ -392,12 +438,20 @@ def getitem(a, index):
     return GetItem.apply(a, index=index)
 
 
+def _joined(name, fn, arrays, axis):
+    try:
+        return fn(arrays, axis=axis)
+    except ValueError:
+        raise ValueError(f"{name}: shapes {[x.shape for x in arrays]} do not fit together along "
+                         f"axis {axis}") from None
+
+
 class Concatenate(Function):
     @staticmethod
     def forward(ctx, *arrays, axis=0):
         ctx.axis = axis
         ctx.sizes = [x.shape[axis] for x in arrays]
-        return xp.concatenate(arrays, axis=axis)
+        return _joined("concatenate", xp.concatenate, arrays, axis)
 
     @staticmethod
     def backward(ctx, g):
@@ -413,7 +467,7 @@ class Stack(Function):
     @staticmethod
     def forward(ctx, *arrays, axis=0):
         ctx.axis = axis
-        return xp.stack(arrays, axis=axis)
+        return _joined("stack", xp.stack, arrays, axis)
 
     @staticmethod
     def backward(ctx, g):
@@ -426,7 +480,11 @@ class Where(Function):
     @staticmethod
     def forward(ctx, a, b, cond):
         ctx.save_for_backward(cond)
-        return xp.where(cond, a, b)
+        try:
+            return xp.where(cond, a, b)
+        except ValueError:
+            raise ValueError(f"where: condition of shape {cond.shape} and values of shapes {a.shape} "
+                             f"and {b.shape} cannot be broadcast together") from None
 
     @staticmethod
     def backward(ctx, g):
@@ -463,9 +521,9 @@ class Embedding(Function):
     @staticmethod
     def backward(ctx, g):
         (idx,) = ctx.saved_tensors
-        gw = xp.zeros(ctx.shape, dtype=g.dtype)
-        xp.add.at(gw, idx.reshape(-1), g.reshape(-1, ctx.shape[1]))  # (B*T,) ids, (B*T, C) rows
-        return gw, None
+        gw = xp.zeros(ctx.shape, dtype=acc_dtype(g.dtype))  # a frequent token sums many rows: not in 16 bits
+        xp.add.at(gw, idx.reshape(-1), upcast(g).reshape(-1, ctx.shape[1]))  # (B*T,) ids, (B*T, C) rows
+        return gw.astype(g.dtype, copy=False), None
 
 
 class Dropout(Function):
@@ -475,7 +533,8 @@ class Dropout(Function):
     @staticmethod
     def forward(ctx, a, p, rng):
         keep = rng.random(a.shape, dtype="float32") >= p
-        mask = backend.asarray(keep).astype(a.dtype) * (1.0 / (1.0 - p))
+        mask = backend.asarray(keep).astype(a.dtype)
+        mask *= xp.asarray(1.0 / (1.0 - p), dtype=a.dtype)  # a Python float would turn bfloat16 into float32
         ctx.save_for_backward(mask)
         return a * mask
 
