@@ -312,9 +312,10 @@ def _leaf_use_done(leaf, leaf_uses):
             hook(leaf)
 
 
-def saved_bytes(root):
-    """Bytes of arrays the graph behind ``root`` holds for backward (the activation memory)."""
-    seen, total = set(), 0
+def saved_bytes(root, exclude_ids=()):
+    """Bytes of arrays the graph behind ``root`` holds for backward (the activation memory);
+    arrays whose id is in ``exclude_ids`` (e.g. the parameters' own data) are not counted."""
+    seen, total = set(exclude_ids), 0
     for node in _topological_order(root)[0]:
         for a in node._ctx.saved_tensors:
             if backend.is_array(a) and id(a) not in seen:

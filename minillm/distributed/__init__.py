@@ -1,13 +1,16 @@
-"""minillm.distributed: MPI communication, the ring all-reduce and data parallelism.
+"""minillm.distributed: MPI communication, the ring all-reduce, data and pipeline parallelism.
 
 ``comm.py`` is the only file that imports mpi4py (lazily: importing minillm never starts MPI).
 """
 from minillm.distributed.comm import (Comm, Request, SerialComm, exit_with_error, get_world_comm,
                                       install_abort_handler, mpi_available, require_mpi, wait_all)
 from minillm.distributed.data_parallel import DataParallel
+from minillm.distributed.pipeline import PipelineEngine
 from minillm.distributed.ring import ring_allreduce_
+from minillm.distributed.topology import Topology, make_topology
 
 __all__ = [
     "Comm", "SerialComm", "Request", "wait_all", "get_world_comm", "mpi_available", "require_mpi",
     "install_abort_handler", "exit_with_error", "ring_allreduce_", "DataParallel",
+    "PipelineEngine", "Topology", "make_topology",
 ]

@@ -5,11 +5,10 @@ from pathlib import Path
 from minillm.errors import UserError
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kw):
+    """A Figure not attached to pyplot: saving it never switches a notebook's plotting backend."""
+    from matplotlib.figure import Figure
+    return Figure(**kw)
 
 
 def plot_metrics(run_dir, out=None):
@@ -21,9 +20,9 @@ def plot_metrics(run_dir, out=None):
     recs = read_metrics(run_dir)
     if not recs:
         raise UserError(f"{run_dir}/metrics.jsonl is empty; let the run log at least one step")
-    plt = _pyplot()
     has_scale = any(r.get("loss_scale") is not None for r in recs)
-    fig, axes = plt.subplots(1, 4 if has_scale else 3, figsize=(16 if has_scale else 13, 3.6))
+    fig = _figure(figsize=(16 if has_scale else 13, 3.6))
+    axes = fig.subplots(1, 4 if has_scale else 3)
     steps = [r["step"] for r in recs]
     axes[0].plot(steps, [r["loss"] for r in recs], label="train (batch)")
     ev = [r for r in recs if r.get("val_loss") is not None]
@@ -47,7 +46,6 @@ def plot_metrics(run_dir, out=None):
     fig.tight_layout()
     out = Path(out) if out else run_dir / "metrics.png"
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -55,17 +53,21 @@ _COLORS = {"forward": "tab:blue", "backward": "tab:green", "send": "tab:orange",
            "optimizer": "tab:purple", "allreduce": "tab:brown"}
 
 
-def plot_timeline(run_dir, out=None):
-    """Gantt chart of every rank's recorded events (timeline_rank*.json, written by pipeline runs)."""
+def read_timelines(run_dir):
+    """The timeline_rank*.json records of a run directory, in rank order."""
     run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("timeline_rank*.json"))
+    files = sorted(run_dir.glob("timeline_rank*.json"), key=lambda f: int(f.stem[len("timeline_rank"):]))
     if not files:
         raise UserError(f"{run_dir} has no timeline_rank*.json; run with --parallel.pp=2 or more "
                         f"to record a pipeline timeline")
-    plt = _pyplot()
-    ranks = [json.loads(f.read_text()) for f in files]
-    fig, ax = plt.subplots(figsize=(12, 0.8 + 0.6 * len(ranks)))
-    t0 = min(e["start"] for r in ranks for e in r["events"]) if any(r["events"] for r in ranks) else 0
+    return [json.loads(f.read_text()) for f in files]
+
+
+def draw_timeline(ax, ranks, title=None, legend=True):
+    """Gantt chart of timeline records ({"rank", "stage", "events": [{"kind", "start", "end",
+    "micro"}]}, one per rank) on ``ax``. Gaps are idle time: the pipeline bubble."""
+    from matplotlib.patches import Patch
+    t0 = min((e["start"] for r in ranks for e in r["events"]), default=0.0)
     for row, r in enumerate(ranks):
         for e in r["events"]:
             ax.barh(row, e["end"] - e["start"], left=e["start"] - t0, height=0.7,
@@ -73,17 +75,35 @@ def plot_timeline(run_dir, out=None):
             if e.get("micro") is not None and e["kind"] in ("forward", "backward"):
                 ax.text((e["start"] + e["end"]) / 2 - t0, row, str(e["micro"]), ha="center",
                         va="center", fontsize=7, color="white")
-    ax.set_yticks(range(len(ranks)), [f"rank {r.get('rank', i)} (stage {r.get('stage', '?')})"
-                                      for i, r in enumerate(ranks)])
-    ax.invert_yaxis()
+    ax.set_yticks(range(len(ranks)), [_row_label(i, r) for i, r in enumerate(ranks)])
+    ax.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
     ax.set_xlabel("seconds")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax.legend(handles, _COLORS.keys(), ncol=len(_COLORS), loc="upper center",
-              bbox_to_anchor=(0.5, -0.25), fontsize=8)
-    title = ranks[0].get("title", "pipeline timeline")
-    ax.set_title(title)
+    ax.set_title(title or ranks[0].get("title", "pipeline timeline"), fontsize=10)
+    if legend:
+        kinds = {e["kind"] for r in ranks for e in r["events"]}
+        shown = [k for k in _COLORS if k in kinds]
+        ax.legend([Patch(color=_COLORS[k]) for k in shown], shown,
+                  loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return ax
+
+
+def plot_timeline(run_dir, out=None):
+    """Draw a run's timelines (``minillm plot --timeline``): the title compares the measured
+    bubble with the theory, each row names its stage's peak activation memory. -> PNG path."""
+    run_dir = Path(run_dir)
+    ranks = read_timelines(run_dir)
+    fig = _figure(figsize=(12, 0.8 + 0.6 * len(ranks)))
+    ax = fig.subplots()
+    draw_timeline(ax, ranks)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "timeline.png"
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
+
+
+def _row_label(i, r):
+    label = f"rank {r.get('rank', i)} (stage {r.get('stage', '?')})"
+    peaks, stage = r.get("peak_activation_bytes"), r.get("stage")
+    if peaks and isinstance(stage, int) and stage < len(peaks):
+        label += f"\nact. {peaks[stage] / 1e6:.2f} MB"
+    return label
