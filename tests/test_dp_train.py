@@ -148,6 +148,15 @@ def test_dp2_with_grad_accum_equals_serial(serial, runs):
     assert_same_weights(final(run), final(serial))
 
 
+def test_dp2_with_dropout_equals_serial_with_dropout(runs):
+    """Dropout masks are keyed by (seed, step, layer, sample), so the rank that processes a sample
+    does not change its mask: dp=2 with dropout is the serial run with dropout."""
+    serial_drop = runs("serial_dropout", 1, "--model.dropout=0.2")
+    dp_drop = runs("dp2_dropout", 2, "--parallel.dp=2", "--model.dropout=0.2")
+    assert_same_curve(dp_drop, serial_drop)
+    assert_same_weights(final(dp_drop), final(serial_drop))
+
+
 def test_ring_allreduce_equals_mpi(serial, dp2, runs):
     ring = runs("dp2_ring", 2, "--parallel.dp=2", "--parallel.allreduce=ring",
                 "--parallel.bucket_mb=0.01")  # several buckets, each through the hand-written ring

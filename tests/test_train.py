@@ -42,12 +42,15 @@ def test_loss_decreases(char_data, tmp_path):
     assert summary["val_loss"] == val[1]
 
 
-def test_gradient_accumulation_matches_one_big_batch(char_data, tmp_path):
-    """The same global batch cut into 2 micro-batches gives the same step (to float rounding)."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_accumulation_matches_one_big_batch(char_data, tmp_path, dropout):
+    """The same global batch cut into 2 micro-batches gives the same step (to float rounding),
+    with dropout too: masks are keyed by (seed, step, layer, sample), not by micro-batch."""
     runs = {}
     for accum in (1, 2, 4):
         out = tmp_path / f"accum{accum}"
-        train(tiny(char_data, out, "--train.max_steps=8", f"--train.grad_accum={accum}"), log=quiet)
+        train(tiny(char_data, out, "--train.max_steps=8", f"--train.grad_accum={accum}",
+                   f"--model.dropout={dropout}"), log=quiet)
         runs[accum] = read_metrics(out)
     for accum in (2, 4):
         for a, b in zip(runs[1], runs[accum], strict=True):

@@ -63,6 +63,7 @@ from minillm import backend  # noqa: E402
 from minillm.autograd.tensor import Tensor, no_grad  # noqa: E402
 from minillm.backend import xp  # noqa: E402
 from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm  # noqa: E402
+from minillm.nn.layers import SampleDropoutRNG  # noqa: E402
 
 
 def _norm(config):
@@ -145,17 +146,18 @@ class MLP(Module):
 class Block(Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config, rng, dropout_rng):
+    def __init__(self, config, rng, dropout_rngs):
         super().__init__()
         self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config, rng)
         self.ln_2 = _norm(config)
         self.mlp = MLP(config, rng)
-        self.drop = Dropout(config.dropout, dropout_rng)
+        self.drop_1 = Dropout(config.dropout, dropout_rngs[0])  # one module per call site: each
+        self.drop_2 = Dropout(config.dropout, dropout_rngs[1])  # draws its own (layer-keyed) masks
 
     def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.ln_1(x), rope, cache, layer))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        x = x + self.drop_1(self.attn(self.ln_1(x), rope, cache, layer))
+        return x + self.drop_2(self.mlp(self.ln_2(x)))
 
 
 class _Transformer(Module):
@@ -165,8 +167,8 @@ class _Transformer(Module):
 class GPT(Module):
     """A GPT-2 style language model: ``logits, loss = model(idx, targets)``.
 
-    ``seed`` seeds the initial weights; dropout masks come from ``self.dropout_rng`` (a numpy
-    Generator the trainer saves in checkpoints).
+    ``seed`` seeds the initial weights; dropout masks come from ``self.dropout_rng``, keyed by
+    (seed, step, layer, sample) so that any split of the batch draws the same masks.
     """
 
     def __init__(self, config: GPTConfig, seed: int = 0):
@@ -175,14 +177,16 @@ class GPT(Module):
             raise ConfigError("model.vocab_size is 0: set it, or let the trainer take it from the dataset")
         self.config = config
         rng = numpy.random.default_rng(seed)
-        self.dropout_rng = numpy.random.default_rng([seed, 1])
+        self.dropout_rng = SampleDropoutRNG(seed)
         C = config.n_embd
         t = _Transformer()
         t.wte = Embedding(config.vocab_size, C, rng=rng, std=0.02)
         if config.pos == "learned":
             t.wpe = Embedding(config.block_size, C, rng=rng, std=0.02)
-        t.drop = Dropout(config.dropout, self.dropout_rng)
-        t.h = ModuleList(Block(config, rng, self.dropout_rng) for _ in range(config.n_layer))
+        t.drop = Dropout(config.dropout, self.dropout_rng.for_layer(0))
+        t.h = ModuleList(Block(config, rng, (self.dropout_rng.for_layer(2 * i + 1),
+                                             self.dropout_rng.for_layer(2 * i + 2)))
+                         for i in range(config.n_layer))
         t.ln_f = _norm(config)
         self.transformer = t
         self.lm_head = Linear(C, config.vocab_size, bias=False, rng=rng, std=0.02)

@@ -79,3 +79,51 @@ class Dropout(Module):
 
     def forward(self, x):
         return F.dropout(x, self.p, self.rng, training=self.training)
+
+
+class SampleDropoutRNG:
+    """Dropout randomness keyed by (seed, step, layer, sample): layout-independent masks.
+
+    The mask for sample i of the global batch at dropout layer l in step s is drawn from
+    ``numpy.random.default_rng([seed, s, l, i])``. Whichever data-parallel rank, pipeline stage or
+    accumulation micro-step processes sample i draws the same mask, so parallel runs equal serial
+    runs even with dropout, and a resumed run needs no RNG state to replay its masks.
+
+    The trainer calls ``begin_step(step, row_offsets)`` with the global index of the first sample
+    of each micro-batch, in the order the micro-batches run; each layer's k-th call of the step is
+    then micro-batch k. Without ``begin_step`` (a hand-written loop) every call draws fresh masks.
+    """
+
+    def __init__(self, seed=0):
+        self.seed = int(seed)
+        self.step, self.offsets = None, None
+        self.calls = {}
+
+    def begin_step(self, step, row_offsets=(0,)):
+        self.step, self.offsets, self.calls = int(step), [int(r) for r in row_offsets], {}
+
+    def for_layer(self, layer):
+        """A generator-like object for one Dropout layer (``.random(shape, dtype)``)."""
+        return _LayerRNG(self, int(layer))
+
+    def state_dict(self):
+        return {"seed": self.seed, "scheme": "default_rng([seed, step, layer, sample])"}
+
+
+class _LayerRNG:
+    def __init__(self, source, layer):
+        self.source, self.layer = source, layer
+
+    def random(self, shape, dtype="float32"):
+        s = self.source
+        k = s.calls.get(self.layer, 0)
+        s.calls[self.layer] = k + 1
+        out = numpy.empty(shape, dtype=dtype)
+        if s.offsets is None or k >= len(s.offsets):  # no step context: fresh masks every call
+            key = [s.seed, 2**32 - 1, self.layer, k] if s.offsets is None else [s.seed, s.step, self.layer, 2**32 - 1, k]
+            out[...] = numpy.random.default_rng(key).random(shape, dtype=dtype)
+            return out
+        row0 = s.offsets[k]
+        for r in range(shape[0]):  # one stream per sample (B, ...) -> the row's mask
+            out[r] = numpy.random.default_rng([s.seed, s.step, self.layer, row0 + r]).random(shape[1:], dtype=dtype)
+        return out

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from minillm import backend
 from minillm.autograd.tensor import Tensor
 from minillm.backend import xp
+from minillm.errors import UserError
 
 
 class Parameter(Tensor):
@@ -136,3 +137,18 @@ class ModuleList(Module):
 
     def __len__(self):
         return len(self._modules)
+
+
+def load_params(named_params, state, source):
+    """Copy ``state[name]`` into each parameter in place; a missing or mis-shaped tensor is a
+    UserError naming it and the file."""
+    missing = [n for n, _ in named_params if n not in state]
+    if missing:
+        raise UserError(f"{source} has no tensor {missing[0]!r}" +
+                        (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "") +
+                        "; it was written for a different model")
+    for name, p in named_params:
+        if tuple(state[name].shape) != p.shape:
+            raise UserError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but the "
+                            f"model expects {p.shape}; check the [model] config")
+        p.data[...] = backend.asarray(state[name]).astype(p.data.dtype, copy=False)

@@ -10,7 +10,7 @@ from minillm.config import config_from_dict, data_dir
 from minillm.data import BatchSampler, TokenDataset, load_tokenizer
 from minillm.errors import UserError
 from minillm.model import GPT
-from minillm.train.engine import load_params
+from minillm.nn.module import load_params
 
 
 def resolve_checkpoint(path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy
 
 from minillm import __version__, backend
-from minillm.amp import make_precision
+from minillm.amp import LossDivergedError, make_precision
 from minillm.checkpoint import (checkpoint_path, compare_config, find_latest_checkpoint,
                                 load_checkpoint, prune_checkpoints, save_checkpoint)
 from minillm.config import check_layout, config_to_dict, data_dir, save_config
@@ -100,8 +100,7 @@ def make_optimizer(cfg, params):
     return AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
-def reseed_dropout(model, seed, step, rank):
-    model.dropout_rng.bit_generator.state = numpy.random.default_rng([seed, 1, step, rank]).bit_generator.state
+
 
 
 class Trainer:
@@ -140,8 +139,9 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.rank0)
 
     # ------------------------------------------------------------------ batches
-    def local_microbatches(self, step, sampler=None, eval_index=None):
-        """This data-parallel rank's slice of the global batch, cut into micro-batches."""
+    def local_microbatches(self, step, sampler=None, eval_index=None, with_offsets=False):
+        """This data-parallel rank's slice of the global batch, cut into micro-batches (and the
+        global index of each micro-batch's first sample)."""
         t = self.cfg.train
         per_rank = t.batch_size // self.dp_size
         n_micro = t.grad_accum * self.cfg.parallel.microbatches
@@ -154,6 +154,8 @@ class Trainer:
             else:
                 x, y = sampler.eval_batch(eval_index, start + i * size, size)
             out.append((backend.asarray(x), backend.asarray(y)))
+        if with_offsets:
+            return out, [start + i * size for i in range(n_micro)]
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -179,8 +181,8 @@ class Trainer:
             "optimizer": self.engine.optimizer_state(self.optimizer),
             "scaler": self.precision.state_dict(),
             "rng": {"data_seed": self.cfg.train.seed,
-                    "dropout": self.model.dropout_rng.bit_generator.state,
-                    "note": "batches and dropout masks are re-derived from (seed, step, rank)"},
+                    "dropout": self.model.dropout_rng.state_dict(),
+                    "note": "batches and dropout masks are functions of (seed, step, sample): nothing to restore"},
         }
 
     def save(self):
@@ -222,14 +224,15 @@ class Trainer:
     def train_step(self):
         t = self.cfg.train
         lr = get_lr(self.step, t)
-        reseed_dropout(self.model, t.seed, self.step, self.comm.rank)
-        self.precision.master_to_model()
-        loss = self.engine.forward_backward(self.local_microbatches(self.step))
+        mbs, offsets = self.local_microbatches(self.step, with_offsets=True)
+        self.model.dropout_rng.begin_step(self.step, offsets)
+        loss = self.engine.forward_backward(mbs)
         found_inf = self.precision.grads_to_master()
         params = [p for _, p in self.precision.master_params]
         grad_norm = clip_grad_norm(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
         if not found_inf:
             self.optimizer.step(lr=lr)
+            self.precision.master_to_model()  # so evaluation and samples see this step's weights
         self.precision.update(found_inf)
         self.optimizer.zero_grad()
         self.engine.zero_grad()
@@ -252,7 +255,13 @@ class Trainer:
         start_time = time.perf_counter()
         try:
             while self.step < t.max_steps:
-                loss, lr, grad_norm, found_inf = self.train_step()
+                try:
+                    loss, lr, grad_norm, found_inf = self.train_step()
+                except LossDivergedError:  # the failed step changed no weight: save them, then stop
+                    path = self.save()
+                    if self.rank0:
+                        self.log(f"saved the last good state (step {self.step}) to {path}")
+                    raise
                 skipped += int(found_inf)
                 self.step += 1
                 self.tokens_seen += tokens_per_step
