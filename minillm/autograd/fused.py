@@ -135,12 +135,14 @@ class LayerNorm(Function):
     def forward(ctx, x, w, b=None, eps=1e-5):
         _check_norm("layer_norm", x, w, b)
         xf = _f32(x)
-        mean = xf.mean(axis=-1, keepdims=True)
-        xhat = xf - mean
-        var = (xhat * xhat).mean(axis=-1, keepdims=True)
-        rstd = 1.0 / xp.sqrt(var + eps)                       # (..., 1)
+        xhat = xf - xf.mean(axis=-1, keepdims=True)           # centred, (..., C)
+        y = xhat * xhat                                       # (..., C) scratch, reused for y
+        rstd = y.mean(axis=-1, keepdims=True)                 # variance, (..., 1)
+        rstd += eps
+        xp.sqrt(rstd, out=rstd)
+        xp.divide(1.0, rstd, out=rstd)
         xhat *= rstd
-        y = xhat * w
+        xp.multiply(xhat, w, out=y)
         if b is not None:
             y += b
         ctx.save_for_backward(xhat, rstd, w)
@@ -148,17 +150,22 @@ class LayerNorm(Function):
 
     @staticmethod
     def backward(ctx, g):
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = g * w
         xhat, rstd, w = ctx.saved_tensors
         need_x, need_w, need_b = (ctx.needs_input_grad + (False,))[:3]
         gf = _f32(g)
-        lead = tuple(range(g.ndim - 1))
-        gw = (gf * xhat).sum(axis=lead).astype(w.dtype) if need_w else None
-        gb = gf.sum(axis=lead).astype(w.dtype) if need_b else None
+        C = g.shape[-1]
+        tmp = gf * xhat                                       # (..., C) scratch
+        gw = tmp.reshape(-1, C).sum(axis=0).astype(w.dtype, copy=False) if need_w else None
+        gb = gf.reshape(-1, C).sum(axis=0).astype(w.dtype, copy=False) if need_b else None
         gx = None
         if need_x:
-            dxhat = gf * w
-            gx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-            gx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+            gx = gf * w                                       # dxhat
+            xp.multiply(gx, xhat, out=tmp)
+            m2 = tmp.mean(axis=-1, keepdims=True)
+            gx -= gx.mean(axis=-1, keepdims=True)
+            xp.multiply(xhat, m2, out=tmp)
+            gx -= tmp
             gx *= rstd
             gx = gx.astype(g.dtype, copy=False)
         return gx, gw, gb
@@ -198,30 +205,55 @@ class GELU(Function):
 
     # 16-bit inputs are computed in float32 and rounded once: NumPy's float16 arithmetic is slow
     # and a Python float times a bfloat16 array gives float32; what is saved stays 16-bit.
+    # Written as in-place passes over one or two buffers: a GPT's biggest activations go through
+    # here, and every temporary of that size costs a full trip through memory.
     @staticmethod
     def forward(ctx, x, approximate="tanh"):
         ctx.approximate = approximate
         xf = _f32(x)
         if approximate == "tanh":
-            t = xp.tanh(_GELU_K * (xf + 0.044715 * xf * xf * xf))
+            t = xf * xf                                       # x^2
+            t *= 0.044715 * _GELU_K
+            t += _GELU_K
+            t *= xf                                           # k (x + 0.044715 x^3)
+            xp.tanh(t, out=t)
         elif approximate == "none":
             from minillm.backend import erf
             t = erf(xf * (1.0 / math.sqrt(2.0)))
         else:
             raise ValueError(f"gelu: approximate={approximate!r} must be 'tanh' or 'none'")
+        y = t + 1.0
+        y *= xf
+        y *= 0.5                                              # 0.5 x (1 + t)
         ctx.save_for_backward(x, t.astype(x.dtype, copy=False))
-        return (0.5 * xf * (1.0 + t)).astype(x.dtype, copy=False)
+        return y.astype(x.dtype, copy=False)
 
     @staticmethod
     def backward(ctx, g):
         x, t = (_f32(a) for a in ctx.saved_tensors)
         if ctx.approximate == "tanh":
-            inner = _GELU_K * (1.0 + 3 * 0.044715 * x * x)
-            d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner
+            # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
+            d = x * x
+            d *= 3 * 0.044715 * _GELU_K
+            d += _GELU_K
+            d *= x
+            d *= 0.5
+            tmp = t * t
+            xp.subtract(1.0, tmp, out=tmp)                    # 1 - t^2
+            d *= tmp
         else:
-            pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-            d = 0.5 * (1.0 + t) + x * pdf
-        return (_f32(g) * d).astype(g.dtype, copy=False)
+            # d/dx = 0.5 (1 + erf(x / sqrt 2)) + x pdf(x)
+            d = x * x
+            d *= -0.5
+            xp.exp(d, out=d)
+            d *= x
+            d *= 1.0 / math.sqrt(2.0 * math.pi)
+            tmp = xp.empty_like(d)
+        xp.add(t, 1.0, out=tmp)
+        tmp *= 0.5
+        d += tmp
+        d *= _f32(g)
+        return d.astype(g.dtype, copy=False)
 
 
 _MASKS = {}
@@ -248,29 +280,30 @@ class CausalAttention(Function):
                              f"do not fit: expected q (B, nh, Tq, hs), k (B, nh, Tk, hs), "
                              f"v (B, nh, Tk, hs_v)")
         scale = 1.0 / math.sqrt(q.shape[-1])
-        att = mm(q, k.swapaxes(-1, -2), dtype=acc_dtype(q.dtype))  # (B, nh, Tq, Tk), fp32 scores
-        att *= scale
+        qs = q * xp.asarray(scale, dtype=q.dtype)            # scale q, not the (Tq, Tk) scores: less work
+        att = mm(qs, k.swapaxes(-1, -2), dtype=acc_dtype(q.dtype))  # (B, nh, Tq, Tk), fp32 scores
         att += _causal_mask(q.shape[-2], k.shape[-2], att.dtype)
         att -= att.max(axis=-1, keepdims=True)
         xp.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)
         att = att.astype(q.dtype, copy=False)
-        ctx.save_for_backward(q, k, v, att)
+        ctx.save_for_backward(qs, k, v, att)
         ctx.scale = scale
         return mm(att, v)                                     # (B, nh, Tq, hs)
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, att = ctx.saved_tensors
+        qs, k, v, att = ctx.saved_tensors
         dv = mm(att.swapaxes(-1, -2), g)                      # (B, nh, Tk, hs)
         datt = mm(g, v.swapaxes(-1, -2), dtype=acc_dtype(g.dtype))  # (B, nh, Tq, Tk)
-        att = _f32(att)                                       # cast once for the two products below
-        datt -= (datt * att).sum(axis=-1, keepdims=True)      # softmax backward
+        # softmax backward: ds = att * (datt - sum_j datt_j att_j); einsum sums the products
+        # without materialising them
+        datt -= xp.einsum("...ij,...ij->...i", datt, att)[..., None]
         datt *= att
-        datt *= ctx.scale
-        datt = datt.astype(q.dtype, copy=False)
-        dq = mm(datt, k)                                      # (B, nh, Tq, hs)
-        dk = mm(datt.swapaxes(-1, -2), q)                     # (B, nh, Tk, hs)
+        ds = datt.astype(qs.dtype, copy=False)
+        dq = mm(ds, k)                                        # (B, nh, Tq, hs)
+        dq *= xp.asarray(ctx.scale, dtype=dq.dtype)
+        dk = mm(ds.swapaxes(-1, -2), qs)                      # (B, nh, Tk, hs)
         return dq, dk, dv
 
 

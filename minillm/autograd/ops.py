@@ -521,8 +521,15 @@ class Embedding(Function):
     @staticmethod
     def backward(ctx, g):
         (idx,) = ctx.saved_tensors
-        gw = xp.zeros(ctx.shape, dtype=acc_dtype(g.dtype))  # a frequent token sums many rows: not in 16 bits
-        xp.add.at(gw, idx.reshape(-1), upcast(g).reshape(-1, ctx.shape[1]))  # (B*T,) ids, (B*T, C) rows
+        V, C = ctx.shape
+        ids = idx.reshape(-1)                                 # (N,), N = B*T
+        rows = upcast(g).reshape(-1, C)                       # (N, C); a frequent token sums many rows: not in 16 bits
+        if ids.size * V <= 1 << 22:  # small vocabulary: one matmul with a one-hot matrix beats a scatter
+            onehot = (ids[None, :] == xp.arange(V)[:, None]).astype(rows.dtype)  # (V, N)
+            gw = onehot @ rows                                # (V, C)
+        else:
+            gw = xp.zeros(ctx.shape, dtype=rows.dtype)
+            xp.add.at(gw, ids, rows)
         return gw.astype(g.dtype, copy=False), None
 
 
