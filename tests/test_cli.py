@@ -59,8 +59,8 @@ def test_sample_from_a_checkpoint_file(run_dir, minillm_cli):
     assert len(r.stdout) == 1 + 10 + 1  # the "\n" start token, 10 characters, print's newline
 
 
-def test_eval_prints_loss_and_perplexity(run_dir, minillm_cli):
-    r = minillm_cli("eval", run_dir, cwd=run_dir.parent)
+def test_eval_prints_loss_and_perplexity(run_dir, minillm_cli, tmp_path):
+    r = minillm_cli("eval", run_dir, cwd=tmp_path)  # from another folder: the run names its data by absolute path
     assert r.returncode == 0, r.stderr
     m = re.search(r"val loss ([\d.]+) \| perplexity ([\d.]+)", r.stdout)
     assert m, r.stdout

@@ -3,6 +3,7 @@
 The trainer only ever calls a *precision* object (``make_precision(train_cfg, named_params)``):
 
     precision.master_params          # (name, Parameter) list the optimizer updates (fp32)
+    with precision.quiet():          # forward/backward without NumPy overflow warnings in 16 bits
     precision.scale_loss(loss)       # loss * scale (a Tensor), for backward
     found_inf = precision.grads_to_master()   # after backward (and gradient sync): model grads ->
                                      # fp32 master grads, unscaled; True if any inf/nan

@@ -17,6 +17,10 @@ would stall. A step:
     master_to_model()   master (fp32) -> model (16-bit), rounded once
     update(found_inf)   the loss scale for the next step
 """
+import contextlib
+
+import numpy  # only for numpy.errstate: warnings are a host (NumPy) matter
+
 from minillm.amp.dtypes import compute_dtype
 from minillm.amp.scaler import DynamicLossScaler, NoLossScaler
 from minillm.backend import xp
@@ -31,6 +35,10 @@ class FullPrecision:
 
     def __init__(self, named_params):
         self.master_params = list(named_params)
+
+    def quiet(self):
+        """Context for forward/backward: float32 overflows are real problems, so keep warnings."""
+        return contextlib.nullcontext()
 
     def master_to_model(self):
         pass
@@ -101,6 +109,11 @@ class MixedPrecision:
             xp.multiply(p.grad, inv, out=view, dtype=xp.float32)  # upcast first: g/S may be below 16-bit range
             m.grad = view
         return not bool(xp.isfinite(self._flat_grad).all())
+
+    def quiet(self):
+        """Context for forward/backward: an overflowing 16-bit step is expected (the scaler skips
+        it), so NumPy's overflow warnings would only be noise in the training log."""
+        return numpy.errstate(over="ignore", invalid="ignore")
 
     def update(self, found_inf):
         self.scaler.update(found_inf)

@@ -317,9 +317,10 @@ class PipelineEngine:
             p.grad = self.topo.tied_comm.allreduce_(g).astype(p.grad.dtype, copy=False)
 
     def _agree_on_overflow(self):
-        """Under loss scaling, a step is skipped when any stage overflowed: make every stage's
-        precision object see it by poisoning one gradient where this stage found none."""
-        if self.precision.loss_scale is None:
+        """In 16-bit training a step is skipped (fp16) or the run stops (bf16) when any stage
+        overflowed: make every stage's precision object see it by poisoning one gradient where
+        this stage found none, so all stages take the same decision (and none waits alone)."""
+        if self.precision.dtype == "float32":
             return
         bad = any(not bool(xp.isfinite(p.grad).all()) for _, p in self._named if p.grad is not None)
         if self.comm.allreduce_scalar(float(bad), "max") > 0 and not bad:

@@ -21,7 +21,7 @@ import numpy
 
 from minillm import __version__, backend
 from minillm.amp import LossDivergedError, make_precision
-from minillm.checkpoint import (checkpoint_path, compare_config, find_latest_checkpoint,
+from minillm.checkpoint import (check_config, checkpoint_path, find_latest_checkpoint,
                                 load_checkpoint, prune_checkpoints, save_checkpoint)
 from minillm.config import check_layout, config_to_dict, data_dir, save_config
 from minillm.data import BatchSampler, TokenDataset, ensure_dataset, load_tokenizer, read_meta
@@ -112,6 +112,8 @@ class Trainer:
         self.rank0 = self.comm.rank == 0
         self.log = log or (lambda msg: print(msg, flush=True))
         self.ddir, meta = prepare_data(cfg, self.comm)
+        # the saved config names the dataset by absolute path, so sample / eval / resume work from any cwd
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(self.ddir).resolve())))
         self.cfg = cfg = resolve_vocab(cfg, meta)
         t = cfg.train
         self.run_dir = Path(t.out_dir)
@@ -207,10 +209,7 @@ class Trainer:
         if not Path(path).is_file():
             raise UserError(f"--resume {path}: no such checkpoint file")
         state = load_checkpoint(path)
-        diffs = compare_config(state["config"], config_to_dict(self.cfg), sections=("model",))
-        if diffs:
-            raise UserError(f"checkpoint {path} does not match the config: {diffs[0]}; resume with the "
-                            f"checkpoint's model settings or start a new train.out_dir")
+        check_config(path, state["config"], config_to_dict(self.cfg), sections=("model",))
         self.engine.load_model_state(state["model"], source=f"checkpoint {path}")
         self.engine.load_optimizer_state(self.optimizer, state["optimizer"])
         self.precision.load_state_dict(state.get("scaler") or {})
@@ -226,8 +225,9 @@ class Trainer:
         lr = get_lr(self.step, t)
         mbs, offsets = self.local_microbatches(self.step, with_offsets=True)
         self.model.dropout_rng.begin_step(self.step, offsets)
-        loss = self.engine.forward_backward(mbs)
-        found_inf = self.precision.grads_to_master()
+        with self.precision.quiet():
+            loss = self.engine.forward_backward(mbs)
+            found_inf = self.precision.grads_to_master()
         params = [p for _, p in self.precision.master_params]
         grad_norm = clip_grad_norm(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
         if not found_inf:
