@@ -173,8 +173,6 @@ def main(argv=None):
             exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
         if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        if comm is not None and comm.size > 1:
-            comm.exit_together(2)  # every rank is here: finalize cleanly instead of MPI_Abort
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

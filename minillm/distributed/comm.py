@@ -240,14 +240,6 @@ class Comm:
         _flush_std()
         self._comm.Abort(code)
 
-    def exit_together(self, code: int) -> None:
-        """End this rank with ``code`` after a clean MPI_Finalize, for an error that every rank
-        hit at the same point (a bad config): no MPI_Abort, so no "Abort(2) on node" noise.
-        Collective: every rank must call it, or the others would wait in Finalize."""
-        _flush_std()
-        _import_mpi().Finalize()
-        os._exit(code)  # past python -m mpi4py's exit hook, which would call MPI_Abort
-
 
 class SerialComm:
     """The ``Comm`` interface for a world of one: collectives leave arrays as they are,
@@ -322,10 +314,6 @@ class SerialComm:
         return SerialComm()
 
     def abort(self, code: int = 1) -> None:
-        _flush_std()
-        os._exit(code)
-
-    def exit_together(self, code: int) -> None:
         _flush_std()
         os._exit(code)
 
