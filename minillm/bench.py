@@ -134,7 +134,7 @@ def measure(config=None, overrides=(), steps=10, warmup=3, with_torch=False, thr
         ref["tokens_per_s"] = tokens / (ref["step_ms"] / 1000)
         ref["mfu"] = ours["flops_per_token"] * ref["tokens_per_s"] / peak
     return {"config": config or "(defaults)", "overrides": list(overrides),
-            "threads": threads or os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count(),
+            "threads": int(threads or os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count()),
             "device": backend.device(), "batch": cfg.train.batch_size,
             "block": cfg.model.block_size, "matmul_peak_gflops": peak / 1e9,
             "minillm": ours, "torch": ref, "numpy": numpy.__version__}
