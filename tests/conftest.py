@@ -3,6 +3,7 @@
 - ``rng``: a seeded NumPy Generator, fresh for each test, so test data is reproducible.
 - ``shared_data``: the folder of real data next to the repository (``../shared/data``), which the
   tests (never the package) may read; a test that asks for it is skipped when it is absent.
+- ``shakespeare``: the text of Tiny Shakespeare from that folder (skipped when absent).
 """
 from pathlib import Path
 
@@ -23,6 +24,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare():
+    """The text of Tiny Shakespeare from the shared data folder (skipped when absent)."""
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return path.read_text(encoding="utf-8")
 
 
 

@@ -16,13 +16,6 @@ SHAKESPEARE = DATA / "tinyshakespeare.txt"
 TIKTOKEN_CACHE = DATA / "tiktoken_cache"
 
 
-@pytest.fixture(scope="module")
-def shakespeare():
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not available")
-    return SHAKESPEARE.read_text(encoding="utf-8")
-
-
 @pytest.fixture
 def small_text(tmp_path, shakespeare):
     path = tmp_path / "small.txt"

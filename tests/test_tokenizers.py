@@ -34,13 +34,6 @@ def bpe_pydocs(pydocs):
     return BPETokenizer.train(pydocs, 512)
 
 
-@pytest.fixture(scope="module")
-def shakespeare():
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not available")
-    return SHAKESPEARE.read_text(encoding="utf-8")
-
-
 @pytest.fixture
 def gpt2(monkeypatch):
     if not TIKTOKEN_CACHE.is_dir():
