@@ -175,3 +175,25 @@ def test_sample_and_eval_need_a_checkpoint(command, tmp_path, minillm_cli):
 
 def test_unknown_command_line_option(tmp_path, minillm_cli):
     assert_user_error(minillm_cli("sample", "run", "--temprature", "1", cwd=tmp_path), "--temprature")
+
+
+def test_parallel_run_without_mpi_says_how_to_get_it(char_data, tmp_path):
+    """No mpi4py (a stand-in package that fails to import shadows it): asking for dp=2 is a
+    one-line error naming the extra to install, not a confusing world-size message."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, minillm_env
+    fake = tmp_path / "fake" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no MPI here')\n")
+    env = minillm_env()
+    env["PYTHONPATH"] = f"{tmp_path / 'fake'}:{REPO}"
+    r = subprocess.run([sys.executable, "-m", "minillm", "train", str(REPO / "configs" / "tiny.toml"),
+                        f"--data.dir={char_data}", f"--train.out_dir={tmp_path / 'run'}",
+                        "--parallel.dp=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "pip install 'minillm[mpi]'" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
