@@ -322,3 +322,9 @@ def saved_bytes(root, exclude_ids=()):
                 seen.add(id(a))
                 total += a.nbytes
     return total
+
+
+def topological_order(root):
+    """The tensors made by ops that ``root`` depends on, inputs before outputs: the order in
+    which backward visits them, reversed (what lesson 01 prints)."""
+    return _topological_order(root)[0]
