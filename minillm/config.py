@@ -33,6 +33,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "gpu")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 ALLREDUCES = ("mpi", "ring")
+ZERO_STAGES = (0, 1)
 
 
 def _show(v) -> str:
@@ -209,12 +210,13 @@ class ParallelConfig(_Section):
     bucket_mb: float = 25.0       # gradient all-reduce bucket size
     allreduce: str = "mpi"        # "mpi" | "ring" (our hand-written ring)
     partition: str = ""           # blocks per stage, e.g. "3,2,2,1"; "" = as even as possible
-    zero: int = 0                 # ZeRO stage; sharding is not implemented yet, so only 0
+    zero: int = 0                 # ZeRO stage: 0 = plain data parallel, 1 = AdamW state sharded over dp ranks
     _name, _rules = "parallel", ((_AT_LEAST_1, "dp", "pp", "microbatches"), (_POSITIVE, "bucket_mb"))
-    _choices = {"schedule": PIPELINE_SCHEDULES, "allreduce": ALLREDUCES}
+    _choices = {"schedule": PIPELINE_SCHEDULES, "allreduce": ALLREDUCES, "zero": ZERO_STAGES}
 
     def _validate(self):
-        _require(self.zero == 0, f"parallel.zero={self.zero}: ZeRO sharding is not implemented; set parallel.zero=0")
+        _require(self.zero == 0 or self.pp == 1, f"parallel.zero={self.zero} shards the optimizer over "
+                 f"data-parallel ranks only, not with parallel.pp={self.pp}; set parallel.pp=1 or parallel.zero=0")
         blocks = self.partition_blocks
         _require(not blocks or len(blocks) == self.pp,
                  f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={self.pp}; "
@@ -249,6 +251,8 @@ class Config:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"Config.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         n_layer, par = self.model.n_layer, self.parallel
+        _require(par.zero == 0 or self.train.optimizer == "adamw",
+                 f"parallel.zero={par.zero} shards AdamW's moments; set train.optimizer='adamw' or parallel.zero=0")
         blocks = par.partition_blocks
         _require(not blocks or sum(blocks) == n_layer,
                  f"parallel.partition={par.partition!r} places {sum(blocks)} blocks but model.n_layer={n_layer}")

@@ -3,8 +3,9 @@
 The trainer hands an engine the micro-batches of this process and gets back the mean loss with
 gradients ready in the master parameters. ``LocalEngine`` runs them one after another on this
 process; with data parallelism its ``sync`` is a DataParallel wrapper that all-reduces gradients
-(otherwise ``LocalSync``, which does nothing). A pipeline engine runs a schedule across stages
-behind the same methods.
+(otherwise ``LocalSync``, which does nothing). ``ShardedEngine`` is the same with ZeRO-1's
+``ZeroSync``, where each rank ends up with the gradient of its own shard only. A pipeline engine
+runs a schedule across stages behind the same methods.
 """
 import contextlib
 
@@ -100,3 +101,13 @@ class LocalEngine:
 
     def load_optimizer_state(self, optimizer, state):
         optimizer.load_state_dict(state)
+
+
+class ShardedEngine(LocalEngine):
+    """LocalEngine for ZeRO-1 (``sync`` a ``ZeroSync``): after the sync each rank holds the
+    averaged gradient of its own shard and zeros elsewhere, so the squared gradient norm is the
+    sum of the ranks' shares. Checkpoints need nothing more: ``ZeroAdamW.state_dict`` itself
+    gathers the moments into the serial format."""
+
+    def grad_sq_reduce(self, sq):
+        return self.comm.allreduce_scalar(sq, "sum")

@@ -81,10 +81,13 @@ def resolve_vocab(cfg, meta):
 
 def make_engine(cfg, model, comm):
     """Serial, data-parallel or pipeline engine for this config and world."""
-    from minillm.train.engine import LocalEngine
+    from minillm.train.engine import LocalEngine, ShardedEngine
     if cfg.parallel.pp > 1:
         from minillm.distributed.pipeline import PipelineEngine
         return PipelineEngine(cfg, model, comm)
+    if zero_sharded(cfg, comm):
+        from minillm.distributed.zero import ZeroSync
+        return ShardedEngine(model, ZeroSync(model, comm), comm)
     if comm.size > 1:
         from minillm.distributed.data_parallel import DataParallel
         sync = DataParallel(model, comm, bucket_mb=cfg.parallel.bucket_mb,
@@ -93,14 +96,21 @@ def make_engine(cfg, model, comm):
     return LocalEngine(model, comm=comm)
 
 
-def make_optimizer(cfg, params):
+def zero_sharded(cfg, comm) -> bool:
+    """ZeRO-1: parallel.zero=1 with several data-parallel ranks (with one it is plain AdamW)."""
+    return cfg.parallel.zero == 1 and cfg.parallel.pp == 1 and comm is not None and comm.size > 1
+
+
+def make_optimizer(cfg, params, comm=None):
+    """The optimizer over ``params`` (the master weights); under ZeRO-1 it holds this rank's shard."""
     t = cfg.train
     if t.optimizer == "sgd":
         return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-
-
-
+    hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+    if zero_sharded(cfg, comm):
+        from minillm.distributed.zero import ZeroAdamW
+        return ZeroAdamW(params, comm, **hyper)
+    return AdamW(params, **hyper)
 
 
 class Trainer:
@@ -124,7 +134,7 @@ class Trainer:
         self.model = GPT(cfg.model, seed=t.seed)  # the same initial weights on every rank
         self.engine = make_engine(cfg, self.model, self.comm)
         self.precision = self.engine.precision = make_precision(t, self.engine.named_parameters())
-        self.optimizer = make_optimizer(cfg, self.precision.master_params)
+        self.optimizer = make_optimizer(cfg, self.precision.master_params, self.comm)
         self.dp_rank, self.dp_size = getattr(self.engine, "dp_rank", self.comm.rank), \
             getattr(self.engine, "dp_size", self.comm.size)
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
