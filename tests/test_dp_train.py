@@ -98,9 +98,9 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("dp_train")
 
 
-@pytest.fixture(scope="module")
-def runs(work, char_data, minillm_cli):
-    """Make a run once and return its directory: ``runs(name, nprocs, *extra_args)``."""
+def run_maker(work, char_data, minillm_cli):
+    """``run(name, nprocs, *extra_args)`` makes a training run once (serial without mpirun when
+    nprocs is 1) and returns its directory; ``run.result(name)`` is its CompletedProcess."""
     made = {}
 
     def run(name, nprocs, *extra):
@@ -117,6 +117,11 @@ def runs(work, char_data, minillm_cli):
 
     run.result = lambda name: made[name][1]
     return run
+
+
+@pytest.fixture(scope="module")
+def runs(work, char_data, minillm_cli):
+    return run_maker(work, char_data, minillm_cli)
 
 
 @pytest.fixture(scope="module")

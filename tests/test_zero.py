@@ -18,7 +18,7 @@ import pytest
 
 from mpi_util import output, run_mpi
 from test_dp_train import (EVERY, assert_same_curve, assert_same_weights, error_lines, final,
-                           mid, rel, train_args)
+                           mid, rel, run_maker, train_args)
 
 from minillm.checkpoint import load_checkpoint
 from minillm.config import Config, ParallelConfig, TrainConfig, apply_overrides
@@ -263,23 +263,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(work, char_data, minillm_cli):
-    """Make a run once and return its directory: ``runs(name, nprocs, *extra_args)``."""
-    made = {}
-
-    def run(name, nprocs, *extra):
-        if name not in made:
-            if nprocs == 1:
-                r = minillm_cli(*train_args(char_data, name, *extra)[2:], cwd=work)
-                assert r.returncode == 0, r.stderr
-            else:
-                r = run_mpi(nprocs, train_args(char_data, name, *extra), timeout=120, cwd=work)
-                assert r.returncode == 0, output(r)
-            assert "Traceback" not in r.stderr, r.stderr
-            made[name] = (work / name, r)
-        return made[name][0]
-
-    run.result = lambda name: made[name][1]
-    return run
+    return run_maker(work, char_data, minillm_cli)
 
 
 def assert_same_moments(got_ckpt, want_ckpt):

@@ -16,6 +16,7 @@ import ctypes
 import os
 import sys
 import threading
+import time
 import traceback
 
 import numpy
@@ -276,6 +277,9 @@ class Comm:
     def abort(self, code: int = 1) -> None:
         """End every process of the job now (MPI_Abort), with exit status ``code``."""
         _flush_std()
+        # mpiexec forwards our stderr through a pipe; MPI_Abort tears the job down at once, and
+        # the last message (the error we just printed) was sometimes lost: let it drain first
+        time.sleep(0.25)
         self._comm.Abort(code)
 
 
