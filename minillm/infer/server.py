@@ -21,6 +21,7 @@ reverse proxy in front of it for anything public.
 """
 import errno
 import json
+import queue
 import select
 import signal
 import socket
@@ -165,15 +166,21 @@ class Handler(BaseHTTPRequestHandler):
                 svc.inflight -= 1
 
     def _events(self, req):
-        """The request's events; cancels it (and stops) when the client disconnects."""
+        """The request's events; cancels it (and stops) when the client disconnects, which is
+        checked every 0.2 s whether or not tokens are flowing."""
+        checked = time.monotonic()
         while True:
             try:
                 ev = req.events.get(timeout=0.2)
-            except Exception:  # queue.Empty: nothing yet; is the client still there?
+            except queue.Empty:
+                ev = None
+            if time.monotonic() - checked > 0.2:
+                checked = time.monotonic()
                 if self._client_gone():
                     req.cancel()
                     self.service.scheduler.wake()
                     return
+            if ev is None:
                 continue
             yield ev
             if ev[0] != "token":

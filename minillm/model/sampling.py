@@ -22,7 +22,8 @@ def top_p_filter(probs, top_p):
     renormalised."""
     order = numpy.argsort(-probs, axis=1, kind="stable")                  # (B, V) most likely first
     sorted_p = numpy.take_along_axis(probs, order, axis=1)
-    before = numpy.cumsum(sorted_p, axis=1) - sorted_p                   # mass of the more likely ones
+    before = numpy.cumsum(sorted_p, axis=1)                               # mass of the more likely
+    before = numpy.concatenate([numpy.zeros_like(before[:, :1]), before[:, :-1]], axis=1)  # ones
     keep_sorted = before < top_p                                          # the first one: 0 < top_p
     keep = numpy.empty_like(keep_sorted)
     numpy.put_along_axis(keep, order, keep_sorted, axis=1)

@@ -1,0 +1,153 @@
+"""`minillm serve` under real HTTP: a real server process on a free loopback port, real sockets.
+
+Completion and streaming (equal to the library's greedy generation), bad requests (400 with a
+message), too many requests (429), a client that disconnects mid-stream (its row is freed), SIGTERM
+(admitted requests finish, new ones get 503, exit 0), and bad command lines (one line, exit 2).
+"""
+import json
+import socket
+
+import pytest
+from serve_util import Server, read_event
+from test_cli import assert_user_error
+
+BIG = 100_000  # tokens: a request that runs until its client goes away
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    s = Server(tiny_run, "--max-batch", 2, "--max-queue", 1, "--max-new-tokens", BIG,
+               cwd=tiny_run.parent)
+    yield s
+    s.kill()
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_run):
+    """The library's own greedy continuation of a prompt (what the server must return)."""
+    from minillm.infer.generate import generate
+    from minillm.train.inference import load_model, load_run_tokenizer
+    model, cfg, ckpt = load_model(tiny_run)
+    tok = load_run_tokenizer(ckpt, cfg)
+    return lambda prompt, n: generate(model, [prompt], n, temperature=0, tokenizer=tok)[0]
+
+
+def test_completion_equals_library_generation(server, greedy):
+    status, r = server.request("POST", "/v1/completions",
+                               {"prompt": "def f(x):", "max_tokens": 40, "temperature": 0})
+    assert status == 200, r
+    want = greedy("def f(x):", 40)
+    assert r["tokens"] == want.tokens and r["text"] == want.text
+    assert r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 40
+    assert r["usage"]["prompt_tokens"] == len("def f(x):")   # a char model: one token per char
+
+
+def test_stream_sends_one_event_per_token(server, greedy):
+    conn, resp = server.open_stream({"prompt": "The ", "max_tokens": 25, "temperature": 0})
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    events = []
+    while (ev := read_event(resp)) is not None:
+        events.append(ev)
+    conn.close()
+    tokens = [d for name, d in events if name == "message"]
+    (name, done), = [e for e in events if e[0] != "message"]
+    assert name == "done" and events[-1][0] == "done" and len(tokens) == 25
+    want = greedy("The ", 25)
+    assert [t["token"] for t in tokens] == want.tokens
+    assert "".join(t["text"] for t in tokens) == done["text"] == want.text
+    assert done["finish_reason"] == "length" and done["usage"]["completion_tokens"] == 25
+
+
+def test_stop_string_ends_the_completion(server, greedy):
+    full = greedy("def ", 30).text
+    stop = full[5:7]  # two characters the model is sure to write
+    status, r = server.request("POST", "/v1/completions",
+                               {"prompt": "def ", "max_tokens": 30, "temperature": 0, "stop": [stop]})
+    assert status == 200 and r["finish_reason"] == "stop", r
+    assert r["text"] == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b'{"prompt": "def', "not valid JSON"),
+    (b'["def"]', "JSON object"),
+    (b'{"prompt": ""}', "non-empty"),
+    (b'{"prompt": "x", "max_tokens": 0}', "max_tokens"),
+    (b'{"prompt": "x", "temperature": "hot"}', "temperature"),
+    (b'{"prompt": "x", "top_p": 1.5}', "top_p"),
+    (b'{"prompt": "x", "tokens": 3}', "unknown field 'tokens'"),
+    (json.dumps({"prompt": "a" * 17}).encode(), "limit is 16"),   # block_size 16
+    (json.dumps({"prompt": "\u65e5"}).encode(), "tokenize"),
+], ids=["bad-json", "not-object", "empty", "max-tokens", "temperature", "top-p", "unknown",
+        "too-long", "not-in-vocab"])
+def test_bad_requests_get_400_with_a_message(server, body, needle):
+    for path in ("/v1/completions", "/v1/stream"):
+        status, r = server.request("POST", path, body)
+        assert status == 400 and needle in r["error"], (path, r)
+    assert server.request("GET", "/nope")[0] == 404
+    assert server.health()["status"] == "ok"  # and the server goes on
+
+
+def test_too_many_requests_429_then_disconnects_free_the_rows(server):
+    """Batch 2 + queue 1: a 4th request is refused with 429; closing the three clients frees
+    everything, and the server serves again."""
+    streams = [server.open_stream({"prompt": "ab", "max_tokens": BIG}) for _ in range(3)]
+    h = server.wait_health(lambda h: h["active"] == 2 and h["waiting"] == 1)
+    status, r = server.request("POST", "/v1/completions", {"prompt": "ab", "max_tokens": 5})
+    assert status == 429 and "busy" in r["error"], r
+    for conn, resp in streams:
+        resp.close()
+        conn.close()
+    h = server.wait_health(lambda h: h["active"] == 0 and h["waiting"] == 0)
+    assert h["status"] == "ok"
+    status, r = server.request("POST", "/v1/completions", {"prompt": "ab", "max_tokens": 5})
+    assert status == 200 and len(r["tokens"]) == 5
+
+
+def test_client_disconnect_mid_stream_frees_its_row(server):
+    for path in ("/v1/stream", "/v1/completions"):
+        s = server.raw_post(path, {"prompt": "x = ", "max_tokens": BIG})
+        if path == "/v1/stream":
+            got = b""
+            while got.count(b"data:") < 5:  # the stream is flowing
+                got += s.recv(4096)
+        server.wait_health(lambda h: h["active"] == 1)
+        s.shutdown(socket.SHUT_RDWR)  # the client goes away in the middle
+        s.close()
+        server.wait_health(lambda h: h["active"] == 0)
+
+
+def test_sigterm_drains_admitted_requests_and_exits_0(tiny_run):
+    s = Server(tiny_run, "--max-new-tokens", 400, cwd=tiny_run.parent)
+    try:
+        conn, resp = s.open_stream({"prompt": "def ", "max_tokens": 400, "temperature": 0})
+        assert read_event(resp)[0] == "message"          # admitted and decoding
+        s.proc.send_signal(15)
+        s.wait_health(lambda h: h["status"] == "draining")
+        status, r = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})
+        assert status == 503 and "shutting down" in r["error"]
+        events = [read_event(resp)]
+        while events[-1] is not None:
+            events.append(read_event(resp))
+        assert events[-2][0] == "done" and events[-2][1]["finish_reason"] == "length"
+        assert sum(e[0] == "message" for e in events[:-1]) == 400 - 1   # all of it, after the first
+        code, out, err = s.terminate()
+        assert code == 0, err
+        assert "draining: 1 decoding" in out and "stopped (0 requests cancelled" in out
+    finally:
+        s.kill()
+
+
+def test_port_in_use_is_one_line_exit_2(tiny_run, minillm_cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = minillm_cli("serve", tiny_run, "--port", port, cwd=tiny_run.parent, timeout=60)
+    assert_user_error(r, f"port {port}", "in use", "--port")
+
+
+def test_serving_something_that_is_not_a_model_is_one_line_exit_2(tiny_run, minillm_cli):
+    r = minillm_cli("serve", tiny_run / "metrics.jsonl", "--port", 0, cwd=tiny_run.parent)
+    assert_user_error(r, "metrics.jsonl", "not an HDF5 file")
+    r = minillm_cli("serve", tiny_run, "--port", 0, "--max-batch", 0, cwd=tiny_run.parent)
+    assert_user_error(r, "--max-batch=0")
