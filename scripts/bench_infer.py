@@ -4,7 +4,8 @@ HTTP server under a bounded load of concurrent streaming clients on loopback.
     python scripts/bench_infer.py decode [--n-layer 12 --n-embd 768 ...] [--batches 1,2,4,8,16,32]
     python scripts/bench_infer.py http RUN [--clients 1,2,4,8,16] [--max-batch 8]
     python scripts/bench_infer.py bandwidth
-    (each takes --json FILE to write its results)
+    (each takes --json FILE: its results go under the mode's key in FILE, e.g.
+    scripts/bench_infer_results.json, which lesson 14 reads)
 
 decode: a GPT of the given shape (random weights: speed does not depend on them) decodes
 ``--steps`` tokens for B prompts at once through the batched generator, in float32, int8 and
@@ -22,6 +23,7 @@ bandwidth: single-thread read (sum) and copy bandwidth of NumPy on a 512 MiB arr
 import argparse
 import http.client
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -168,6 +170,15 @@ def bench_http(args):
             "requests_per_client": args.requests, "rows": rows}
 
 
+def save_results(path, key, value):
+    """Store ``value`` under ``key`` in the JSON file at ``path``, keeping its other keys (the
+    quantization, decode and HTTP benchmarks share one results file, which lesson 14 reads)."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = dict(value, date=time.strftime("%Y-%m-%d"), load_average=list(os.getloadavg()))
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -197,7 +208,7 @@ def main():
         out = measure_bandwidth()
         print(out)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        save_results(args.json, args.mode, out)
 
 
 if __name__ == "__main__":

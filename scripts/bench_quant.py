@@ -11,7 +11,6 @@ split (UTF-8 bytes of the decoded text / tokens), so char and BPE models compare
 here: the evaluation harness of issue 18 was not on this branch.)
 """
 import argparse
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -68,7 +67,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run directories (or checkpoints)")
     ap.add_argument("--iters", type=int, default=None, help="eval batches (default: the run's eval_iters)")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, help="also store the results under 'quant' in this JSON file")
     args = ap.parse_args()
     results = [bench_run(r, args.iters) for r in args.runs]
     for res in results:
@@ -82,7 +81,8 @@ def main():
             print(f"| {r['scheme']} | {r['val_loss']:.4f} | {r['bpb']:.4f} | {change} | "
                   f"{r['weight_bytes'] / 2**20:.2f} MiB ({r['size_ratio']:.2f}x) | {file} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        from bench_infer import save_results  # scripts/ is on sys.path when run as a script
+        save_results(args.json, "quant", {"runs": results})
 
 
 if __name__ == "__main__":
