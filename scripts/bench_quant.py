@@ -76,7 +76,8 @@ def main():
         print("| scheme | val loss | bits/byte | change | weights | file |")
         print("|---|---|---|---|---|---|")
         for r in res["rows"]:
-            change = "-" if r["scheme"] == "float32" else f"{r['delta_nats']:+.4f} nats ({r['delta_pct']:+.2f} %)"
+            change = ("-" if r["scheme"] == "float32" else
+                      f"{r['delta_nats']:+.4f} nats ({r['delta_pct']:+.2f} %)")
             file = "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.2f} MiB"
             print(f"| {r['scheme']} | {r['val_loss']:.4f} | {r['bpb']:.4f} | {change} | "
                   f"{r['weight_bytes'] / 2**20:.2f} MiB ({r['size_ratio']:.2f}x) | {file} |")

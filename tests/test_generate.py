@@ -135,7 +135,8 @@ def test_kv_cache_rows_move_shift_and_drop():
     c.drop_front(2)
     assert c.length == 3 and backend.to_numpy(c.k[0])[0, 0, :, 0].tolist() == [3, 4, 5]
     with pytest.raises(ValueError, match="capacity"):
-        c.update(0, backend.asarray(np.zeros((2, 1, 4, 1), np.float32)), backend.asarray(np.zeros((2, 1, 4, 1), np.float32)))
+        four = backend.asarray(np.zeros((2, 1, 4, 1), np.float32))    # 3 + 4 positions > 6
+        c.update(0, four, four)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

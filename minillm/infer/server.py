@@ -143,9 +143,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no endpoint {self.path}; POST /v1/completions or /v1/stream")
         svc = self.service
         try:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > MAX_BODY:
-                raise BadRequest(f"the body is {n} bytes; the limit is {MAX_BODY}")
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise BadRequest("the Content-Length header is not a number") from None
+            if not 0 <= n <= MAX_BODY:
+                raise BadRequest(f"the body is {n} bytes; send 1 to {MAX_BODY} bytes of JSON")
             seq = svc.parse(self.rfile.read(n))
             req = svc.scheduler.submit(seq)
         except BadRequest as e:

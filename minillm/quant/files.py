@@ -42,8 +42,9 @@ def default_out_path(ckpt, bits, group_size):
 def _load_source(ckpt):
     state = load_checkpoint(ckpt, exclude=("optimizer",))
     if "quantized" in state:
-        raise UserError(f"{ckpt} is already quantized ({state['meta'].get('bits')} bits); "
-                        f"quantize the float checkpoint it was made from: {state['meta'].get('source')}")
+        meta = state.get("meta", {})
+        raise UserError(f"{ckpt} is already quantized ({meta.get('bits')} bits); quantize the "
+                        f"float checkpoint it was made from: {meta.get('source')}")
     if not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
         raise UserError(f"{ckpt} is not a model checkpoint (it has no model/ and config/ groups); "
                         f"pass a ckpt_XXXXXXX.h5 written by minillm train")
@@ -76,7 +77,7 @@ def quantize_checkpoint(ckpt, bits, group_size=None, out=None):
     out = Path(out) if out else default_out_path(ckpt, bits, group_size)
     save_checkpoint(out, {
         "meta": {"kind": KIND, "bits": bits, "group_size": group_size,
-                 "source": str(Path(ckpt).resolve()), "source_step": state["meta"].get("step")},
+                 "source": str(Path(ckpt).resolve()), "source_step": state.get("meta", {}).get("step")},
         "config": state["config"],
         "model": {n: p.data for n, p in model.named_parameters()},
         "quantized": {f"{n}.weight": q.qweight.arrays() for n, q in layers.items()},

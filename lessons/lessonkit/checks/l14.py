@@ -7,7 +7,12 @@ from minillm.model.sampling import top_p_filter
 from minillm.quant import Int8Weight, unpack_int4
 
 
-@exercise("14.pack_int4", broken=lambda codes: ((codes[:, 0::2] + 8) << 4 | (codes[:, 1::2] + 8)).astype(np.uint8))
+def _pack_int4_swapped(codes):
+    """A plausible mistake: the even input in the HIGH nibble."""
+    return ((codes[:, 0::2] + 8) << 4 | (codes[:, 1::2] + 8)).astype(np.uint8)
+
+
+@exercise("14.pack_int4", broken=_pack_int4_swapped)
 def check_pack_int4(pack_int4):
     """The learner's bytes, unpacked by the library's own unpack_int4, give the codes back."""
     codes = np.random.default_rng(0).integers(-8, 8, size=(5, 32)).astype(np.int8)
