@@ -98,7 +98,8 @@ def unused_data():
 
 # ---------------------------------------------------------------- the ranks' program -------------
 def worker(outdir):
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     comm = get_world_comm()
     install_abort_handler(comm)
     r, p = comm.rank, comm.size

@@ -69,7 +69,8 @@ def case_args(name, root, out_dir, serial=False):
 
 # ---------------------------------------------------------------- the ranks' program -------------
 def worker(outdir, names):
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     from minillm.train.trainer import Trainer
     comm = get_world_comm()
     install_abort_handler(comm)

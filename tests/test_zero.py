@@ -22,7 +22,8 @@ from test_dp_train import (EVERY, assert_same_curve, assert_same_weights, error_
 
 from minillm.checkpoint import load_checkpoint
 from minillm.config import Config, ParallelConfig, TrainConfig, apply_overrides
-from minillm.distributed.comm import SerialComm, get_world_comm, install_abort_handler
+from minillm.distributed.comm import SerialComm, get_world_comm
+from minillm.distributed.launch import install_abort_handler
 from minillm.distributed.zero import ShardLayout, ZeroAdamW, ZeroSync, optimizer_state_nbytes
 from minillm.errors import ConfigError, UserError
 from minillm.model import GPT, GPTConfig

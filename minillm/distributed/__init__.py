@@ -2,8 +2,9 @@
 
 ``comm.py`` is the only file that imports mpi4py (lazily: importing minillm never starts MPI).
 """
-from minillm.distributed.comm import (Comm, Request, SerialComm, exit_with_error, get_world_comm,
-                                      install_abort_handler, mpi_available, require_mpi, wait_all)
+from minillm.distributed.comm import (Comm, Request, SerialComm, get_world_comm, mpi_available,
+                                      require_mpi, wait_all)
+from minillm.distributed.launch import exit_with_error, install_abort_handler
 from minillm.distributed.data_parallel import DataParallel
 from minillm.distributed.pipeline import PipelineEngine
 from minillm.distributed.ring import ring_allreduce_

@@ -28,7 +28,7 @@ from minillm.data import BatchSampler, TokenDataset, ensure_dataset, load_tokeni
 from minillm.errors import UserError
 from minillm.model import GPT
 from minillm.optim import SGD, AdamW, clip_grad_norm, get_lr
-from minillm.train.flops import flops_per_token, matmul_params, measure_matmul_peak
+from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
 from minillm.train.metrics import MetricsLog, format_line
 
 
