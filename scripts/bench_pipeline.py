@@ -94,7 +94,7 @@ def main():
         return worker(args)
 
     from minillm.data import ensure_dataset
-    from minillm.distributed.pipeline import bubble_theory, peak_live_theory
+    from minillm.distributed.pipeline_schedule import bubble_theory, peak_live_theory
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmpdir:
