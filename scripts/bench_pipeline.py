@@ -41,7 +41,8 @@ def overrides(p, m, schedule, data_dir, out_dir):
 # ---------------------------------------------------------------- one configuration, on every rank
 def worker(args):
     from minillm.config import load_config
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     from minillm.train.trainer import Trainer
     comm = get_world_comm()
     install_abort_handler(comm)
@@ -93,7 +94,7 @@ def main():
         return worker(args)
 
     from minillm.data import ensure_dataset
-    from minillm.distributed.pipeline import bubble_theory, peak_live_theory
+    from minillm.distributed.pipeline_schedule import bubble_theory, peak_live_theory
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmpdir:

@@ -20,10 +20,11 @@ from minillm.backend import to_numpy, xp
 from minillm.checkpoint import load_checkpoint
 from minillm.config import load_config
 from minillm.distributed.comm import SerialComm
-from minillm.distributed.pipeline import (TIED, activation_bytes, bubble_of, bubble_theory,
-                                          drop_other_stages, peak_live_theory, schedule,
-                                          simulate, stage_bounds, stage_parameters)
-from minillm.distributed.topology import grid_coords, make_topology
+from minillm.distributed.pipeline_schedule import (bubble_of, bubble_theory, peak_live_theory,
+                                                   schedule, simulate)
+from minillm.distributed.timeline import activation_bytes
+from minillm.distributed.topology import (TIED, drop_other_stages, grid_coords, make_topology,
+                                          stage_bounds, stage_parameters)
 from minillm.errors import UserError
 from minillm.model import GPT, GPTConfig
 from minillm.train.metrics import read_metrics
@@ -69,7 +70,8 @@ def case_args(name, root, out_dir, serial=False):
 
 # ---------------------------------------------------------------- the ranks' program -------------
 def worker(outdir, names):
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     from minillm.train.trainer import Trainer
     comm = get_world_comm()
     install_abort_handler(comm)
@@ -91,8 +93,9 @@ def worker(outdir, names):
                 p.grad = xp.zeros_like(p.data)
             if topo.is_last:
                 named[0][1].grad = xp.full_like(named[0][1].data, xp.inf)
-            eng._agree_on_overflow()
-            assert eng.precision.grads_to_master(), f"stage {topo.stage} would step after an overflow"
+            assert eng.precision.grads_to_master() == topo.is_last  # this stage's own finding
+            assert eng.precision.grads_to_master(agree=eng.agree), \
+                f"stage {topo.stage} would step after an overflow on the last stage"
     print(f"rank {comm.rank} done", flush=True)
 
 

@@ -10,6 +10,7 @@ import math
 
 from minillm.autograd.function import Function
 from minillm.autograd.ops import acc_dtype, mm, mm_operand, upcast
+from minillm.autograd.special import erf
 from minillm.backend import xp
 
 
@@ -218,7 +219,6 @@ class GELU(Function):
             t *= xf                                           # k (x + 0.044715 x^3)
             xp.tanh(t, out=t)
         elif approximate == "none":
-            from minillm.backend import erf
             t = erf(xf * (1.0 / math.sqrt(2.0)))
         else:
             raise ValueError(f"gelu: approximate={approximate!r} must be 'tanh' or 'none'")
