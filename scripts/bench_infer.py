@@ -197,6 +197,7 @@ def main():
     sub.add_parser("bandwidth")
     for p in (d, h, sub.choices["bandwidth"]):
         p.add_argument("--json", default=None)
+        p.add_argument("--key", default=None, help="key of the results in the JSON file (default: the mode)")
     args = ap.parse_args()
     if args.mode == "decode":
         args.batches = [int(x) for x in args.batches.split(",")]
@@ -208,7 +209,7 @@ def main():
         out = measure_bandwidth()
         print(out)
     if args.json:
-        save_results(args.json, args.mode, out)
+        save_results(args.json, args.key or args.mode, out)
 
 
 if __name__ == "__main__":
