@@ -6,6 +6,8 @@ message), too many requests (429), a client that disconnects mid-stream (its row
 """
 import json
 import socket
+import threading
+import time
 
 import pytest
 from serve_util import Server, read_event
@@ -101,6 +103,41 @@ def test_too_many_requests_429_then_disconnects_free_the_rows(server):
     assert h["status"] == "ok"
     status, r = server.request("POST", "/v1/completions", {"prompt": "ab", "max_tokens": 5})
     assert status == 200 and len(r["tokens"]) == 5
+
+
+def test_a_burst_of_connections_gets_answers_not_resets(server):
+    """32 clients connect at the same moment while the server is busy decoding (socketserver's
+    default listen backlog of 5 made the kernel reset some of them): each gets a whole HTTP
+    answer, 429 for all but the one that fits the queue (batch 2 + queue 1)."""
+    start, replies = threading.Barrier(32), []
+
+    def one():
+        start.wait()
+        try:
+            s = server.raw_post("/v1/completions", {"prompt": "ab", "max_tokens": 20})
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            s.close()
+            head, _, body = reply.partition(b"\r\n\r\n")
+            replies.append((int(head.split()[1]), json.loads(body)))
+        except OSError as e:
+            replies.append((type(e).__name__, None))
+
+    busy = [server.raw_post("/v1/stream", {"prompt": "ab", "max_tokens": BIG}) for _ in range(2)]
+    server.wait_health(lambda h: h["active"] == 2)  # the model thread is busy decoding meanwhile
+    threads = [threading.Thread(target=one) for _ in range(32)]
+    for t in threads:
+        t.start()
+    while len(replies) < 31:  # all but the queued one are answered at once
+        time.sleep(0.05)
+    for s in busy:            # then the busy rows free up and the queued request runs
+        s.close()
+    for t in threads:
+        t.join()
+    codes = [code for code, _ in replies]
+    assert sorted(codes, key=str) == [200] + [429] * 31, codes
+    server.wait_health(lambda h: h["active"] == 0 and h["waiting"] == 0)
 
 
 def test_client_disconnect_mid_stream_frees_its_row(server):

@@ -34,6 +34,7 @@ from importlib import resources
 from minillm.errors import UserError
 from minillm.infer.generate import SamplingParams, Sequence
 from minillm.infer.scheduler import Busy, Draining, Scheduler
+from minillm.perf.allocator import tune_host_allocator
 
 MAX_BODY = 1 << 20
 
@@ -230,18 +231,25 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of more simultaneous connections
+    # overflows it and the kernel resets some. Admission is decided by the scheduler (429), so
+    # the backlog only has to hold a burst.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def make_server(host, port):
-    """A bound ThreadingHTTPServer (not yet serving); a port in use is a UserError. Its handler
-    class gets its ``service`` before serving starts."""
+    """A bound Server (not yet serving); a port in use is a UserError. Its handler class gets its
+    ``service`` before serving starts."""
     handler = type("BoundHandler", (Handler,), {})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = Server((host, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise UserError(f"port {port} on {host} is in use; pass another --port "
                             f"(or stop the server using it)") from None
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    server.daemon_threads = True
     return server
 
 
@@ -260,6 +268,7 @@ def serve_command(args):
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     server = make_server(args.host, args.port)  # a port in use fails before the model loads
+    tune_host_allocator()  # decoding makes the same temporaries every step: reuse their memory
     model, cfg, ckpt = load_model(args.path, args.device)
     tokenizer = load_run_tokenizer(ckpt, cfg)
     bs = cfg.model.block_size
