@@ -5,6 +5,7 @@ message), too many requests (429), a client that disconnects mid-stream (its row
 (admitted requests finish, new ones get 503, exit 0), and bad command lines (one line, exit 2).
 """
 import json
+import signal
 import socket
 import threading
 import time
@@ -154,22 +155,28 @@ def test_client_disconnect_mid_stream_frees_its_row(server):
 
 
 def test_sigterm_drains_admitted_requests_and_exits_0(tiny_run):
-    s = Server(tiny_run, "--max-new-tokens", 400, cwd=tiny_run.parent)
+    """One request decoding and one queued behind it (batch 1) when SIGTERM arrives: a new request
+    gets 503, both admitted ones run to their last token, then the server exits 0. (2 x 1500
+    tokens keep the drain open for seconds, so the 503 check is not a race.)"""
+    s = Server(tiny_run, "--max-batch", 1, "--max-new-tokens", 1500, cwd=tiny_run.parent)
     try:
-        conn, resp = s.open_stream({"prompt": "def ", "max_tokens": 400, "temperature": 0})
-        assert read_event(resp)[0] == "message"          # admitted and decoding
-        s.proc.send_signal(15)
+        body = {"prompt": "def ", "max_tokens": 1500, "temperature": 0}
+        streams = [s.open_stream(body) for _ in range(2)]
+        assert read_event(streams[0][1])[0] == "message"              # decoding
+        s.wait_health(lambda h: h["active"] == 1 and h["waiting"] == 1)
+        s.proc.send_signal(signal.SIGTERM)
         s.wait_health(lambda h: h["status"] == "draining")
         status, r = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})
         assert status == 503 and "shutting down" in r["error"]
-        events = [read_event(resp)]
-        while events[-1] is not None:
-            events.append(read_event(resp))
-        assert events[-2][0] == "done" and events[-2][1]["finish_reason"] == "length"
-        assert sum(e[0] == "message" for e in events[:-1]) == 400 - 1   # all of it, after the first
+        for i, (conn, resp) in enumerate(streams):
+            events = []
+            while (ev := read_event(resp)) is not None:
+                events.append(ev)
+            assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "length"
+            assert sum(e[0] == "message" for e in events) == 1500 - (i == 0)  # one read above
         code, out, err = s.terminate()
         assert code == 0, err
-        assert "draining: 1 decoding" in out and "stopped (0 requests cancelled" in out
+        assert "draining: 1 decoding, 1 waiting" in out and "stopped (0 requests cancelled" in out
     finally:
         s.kill()
 
