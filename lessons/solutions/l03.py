@@ -16,12 +16,13 @@ def most_frequent_pair(words):
 
 
 def merge(ids, pair, new_id):
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == tuple(pair):
+    out, skip = [], False
+    for i, token in enumerate(ids):
+        if skip:                                 # the second half of a pair just merged
+            skip = False
+        elif tuple(ids[i:i + 2]) == tuple(pair):
             out.append(new_id)
-            i += 2
+            skip = True
         else:
-            out.append(ids[i])
-            i += 1
+            out.append(token)
     return out
