@@ -2,7 +2,8 @@
 budgets and record the final validation loss of each run (the data of lesson 15).
 
     flock /tmp/minillm-bench.lock python scripts/scaling_study.py            # every run, ~30 min
-    python scripts/scaling_study.py --only s0@1e11 --out /tmp/one.json      # one run, seconds
+    python scripts/scaling_study.py --resume        # only the runs the result file lacks
+    python scripts/scaling_study.py --only s0@3e10 --out /tmp/one.json      # one run, seconds
 
 A run of size N (weights that multiply activations) at budget C trains on D = C / F(N) tokens,
 where F(N) = 6N + 12 L T C is minillm's count of training FLOPs per token
@@ -13,12 +14,12 @@ first 5% of steps and a cosine decay to lr/10 that ends with the run (a schedule
 run's own length, as in the Chinchilla study). The loss of a run is the mean cross-entropy over
 1,024 fixed validation windows of the held-out last 10% of the text.
 
-Each budget trains four to six sizes of the ladder around where its optimum is expected (the
-optimum moves up one rung for every 3x of compute), so each budget draws a U: too small a model
-cannot use its tokens, too large a one sees too few. The result file (JSON, a few KB) holds one
-record per run plus the machine, versions and load average; it is written after every run, so an
-interrupted study keeps what it measured. Deterministic: a rerun on the same machine and versions
-gives the same losses bit for bit.
+Each budget trains five or six sizes of the ladder around its optimum (which moves up about one
+rung for every 3x of compute), so each budget draws a U: too small a model cannot use its tokens,
+too large a one sees too few. The result file (JSON, a few KB) holds one record per run plus the
+machine, versions and load average; it is written after every run, and ``--resume`` keeps the
+runs it already holds (matched by layers, width, heads and budget) and trains only the others.
+Deterministic: a rerun on the same machine and versions gives the same losses bit for bit.
 """
 import argparse
 import datetime
@@ -42,14 +43,14 @@ from minillm.optim.schedules import cosine_lr  # noqa: E402
 from minillm.train.flops import flops_per_token, matmul_params  # noqa: E402
 
 # The ladder: (n_layer, n_embd, n_head), each rung about twice the weights of the one before.
-SIZES = {"s0": (1, 16, 2), "s1": (2, 24, 2), "s2": (2, 32, 2), "s3": (3, 48, 3),
-         "s4": (3, 64, 4), "s5": (4, 80, 4), "s6": (4, 112, 4), "s7": (5, 144, 4)}
-# budget (FLOPs) -> the sizes trained at it: a window of the ladder around the expected optimum
-BUDGETS = {3e10: ["s0", "s1", "s2", "s3"],
-           1e11: ["s0", "s1", "s2", "s3", "s4"],
-           3e11: ["s0", "s1", "s2", "s3", "s4", "s5"],
-           1e12: ["s1", "s2", "s3", "s4", "s5", "s6"],
-           3e12: ["s2", "s3", "s4", "s5", "s6", "s7"]}
+SIZES = {"s0": (1, 8, 2), "s1": (1, 16, 2), "s2": (2, 24, 2), "s3": (2, 32, 2), "s4": (3, 48, 3),
+         "s5": (3, 64, 4), "s6": (4, 80, 4), "s7": (4, 112, 4), "s8": (5, 144, 4)}
+# budget (FLOPs) -> the sizes trained at it: a window of the ladder around the optimum
+BUDGETS = {3e10: ["s0", "s1", "s2", "s3", "s4"],
+           1e11: ["s0", "s1", "s2", "s3", "s4", "s5"],
+           3e11: ["s1", "s2", "s3", "s4", "s5", "s6"],
+           1e12: ["s2", "s3", "s4", "s5", "s6", "s7"],
+           3e12: ["s3", "s4", "s5", "s6", "s7", "s8"]}
 BLOCK, BATCH, LR, SEED, EVAL_BATCHES = 64, 16, 3e-3, 0, 32
 DEFAULT_OUT = REPO / "lessons" / "data" / "scaling_results.json"
 
@@ -108,6 +109,10 @@ def train_run(size, budget, train_ids, val_ids, vocab_size):
             "seconds": seconds, "tokens_per_s": tokens / seconds, "curve": curve}
 
 
+def _key(n_layer, n_embd, n_head, budget):
+    return n_layer, n_embd, n_head, float(budget)
+
+
 def plan(only=None):
     """[(size, budget)] in the order they run: cheapest budget first."""
     runs = [(s, b) for b in sorted(BUDGETS) for s in BUDGETS[b]]
@@ -129,7 +134,9 @@ def write(result, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result file (JSON)")
-    ap.add_argument("--only", metavar="SIZE@BUDGET", help="one run, e.g. s0@1e11")
+    ap.add_argument("--only", metavar="SIZE@BUDGET", help="one run, e.g. s0@3e10")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs --out already holds, train only the missing ones")
     args = ap.parse_args(argv)
     train_ids, val_ids, vocab_size = corpus()
     result = {"study": "iso-FLOP ladder on pydocs (characters)",
@@ -145,7 +152,21 @@ def main(argv=None):
                         "eval_windows": EVAL_BATCHES * 2 * BATCH},
               "load_average_start": os.getloadavg(), "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if args.resume and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if any(old[k] != result[k] for k in ("setup", "corpus", "python", "numpy")):
+            raise SystemExit(f"error: {args.out} was made with another setup, corpus, Python or "
+                             "NumPy; drop --resume to start over")
+        done = {_key(r["n_layer"], r["n_embd"], r["n_head"], r["budget"]): r for r in old["runs"]}
+        for k in ("date", "load_average_start"):
+            result[k] = old[k]
+        result["resumed"] = datetime.date.today().isoformat()
     for size, budget in plan(args.only):
+        r = done.get(_key(*SIZES[size], budget))
+        if r is not None:
+            result["runs"].append(dict(r, size=size))  # the ladder's current name for it
+            continue
         r = train_run(size, budget, train_ids, val_ids, vocab_size)
         result["runs"].append(r)
         result["load_average_end"] = os.getloadavg()
