@@ -42,7 +42,7 @@ from minillm.optim import AdamW, clip_grad_norm  # noqa: E402
 from minillm.optim.schedules import cosine_lr  # noqa: E402
 from minillm.train.flops import flops_per_token, matmul_params  # noqa: E402
 
-# The ladder: (n_layer, n_embd, n_head), each rung about twice the weights of the one before.
+# The ladder: (n_layer, n_embd, n_head), each rung 1.7x to 3.4x the weights of the one before.
 SIZES = {"s0": (1, 8, 2), "s1": (1, 16, 2), "s2": (2, 24, 2), "s3": (2, 32, 2), "s4": (3, 48, 3),
          "s5": (3, 64, 4), "s6": (4, 80, 4), "s7": (4, 112, 4), "s8": (5, 144, 4)}
 # budget (FLOPs) -> the sizes trained at it: a window of the ladder around the optimum
@@ -159,13 +159,15 @@ def main(argv=None):
             raise SystemExit(f"error: {args.out} was made with another setup, corpus, Python or "
                              "NumPy; drop --resume to start over")
         done = {_key(r["n_layer"], r["n_embd"], r["n_head"], r["budget"]): r for r in old["runs"]}
-        for k in ("date", "load_average_start"):
-            result[k] = old[k]
+        for k in ("date", "load_average_start", "load_average_end"):
+            if k in old:
+                result[k] = old[k]
         result["resumed"] = datetime.date.today().isoformat()
     for size, budget in plan(args.only):
         r = done.get(_key(*SIZES[size], budget))
         if r is not None:
             result["runs"].append(dict(r, size=size))  # the ladder's current name for it
+            write(result, args.out)
             continue
         r = train_run(size, budget, train_ids, val_ids, vocab_size)
         result["runs"].append(r)
