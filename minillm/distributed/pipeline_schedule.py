@@ -143,17 +143,24 @@ def peak_live_theory(name: str, pp: int, stage: int, m: int, v: int = 1) -> floa
 
 def simulate(name: str, pp: int, m: int, t_f: float = 1.0, t_b: float = 2.0, t_w: float | None = None,
              v: int = 1) -> list[list[dict]]:
-    """Timeline of an ideal pipeline (free messages, fixed costs): one event list per stage.
-
-    ``t_f`` and ``t_b`` are a whole stage's forward and backward; a split schedule's B costs
-    ``t_b - t_w`` and its W ``t_w`` (default half the backward); an interleaved chunk 1/v of each.
-    A step starts when its stage is free and what it needs is done: F(i) of global chunk g needs
-    F(i) of chunk g-1; B(i) needs B(i) of chunk g+1 (the last chunk: its own F(i)); W(i) its B(i).
-    """
+    """Timeline of an ideal pipeline (free messages, fixed costs) running schedule ``name``: one
+    event list per stage. ``t_f`` and ``t_b`` are a whole stage's forward and backward; a split
+    schedule's B costs ``t_b - t_w`` and its W ``t_w`` (default half the backward); an interleaved
+    chunk 1/v of each."""
     t_w = t_b / 2 if t_w is None else t_w
     cost = {"F": t_f / v, "B": (t_b - t_w if name in SPLIT else t_b) / v, "W": t_w / v}
+    return simulate_plans([schedule(name, pp, s, m, v) for s in range(pp)], cost)
+
+
+def simulate_plans(plans, cost) -> list[list[dict]]:
+    """Play every stage's step list (``plans[s]``) with fixed ``cost[kind]`` per step.
+
+    A step starts when its stage is free and what it needs is done: F(i) of global chunk g needs
+    F(i) of chunk g-1; B(i) needs B(i) of chunk g+1 (the last chunk: its own F(i)); W(i) its B(i).
+    Raises RuntimeError when no stage can move (the plans deadlock)."""
+    pp = len(plans)
+    v = 1 + max((step[2] if len(step) > 2 else 0) for plan in plans for step in plan)
     last = pp * v - 1
-    plans = [schedule(name, pp, s, m, v) for s in range(pp)]
     done, free, pos = {}, [0.0] * pp, [0] * pp
     events = [[] for _ in range(pp)]
     while any(pos[s] < len(plans[s]) for s in range(pp)):
@@ -161,7 +168,7 @@ def simulate(name: str, pp: int, m: int, t_f: float = 1.0, t_b: float = 2.0, t_w
         for s in range(pp):
             if pos[s] == len(plans[s]):
                 continue
-            kind, i, c = plans[s][pos[s]]
+            kind, i, c = Step(*plans[s][pos[s]])
             g = c * pp + s
             dep = {"F": ("F", g - 1, i) if g > 0 else None,
                    "B": ("B", g + 1, i) if g < last else ("F", g, i),
@@ -175,7 +182,8 @@ def simulate(name: str, pp: int, m: int, t_f: float = 1.0, t_b: float = 2.0, t_w
             pos[s] += 1
             progressed = True
         if not progressed:
-            raise RuntimeError(f"schedule {name!r} deadlocks with pp={pp}, m={m}, v={v}")
+            stuck = {s: plans[s][pos[s]] for s in range(pp) if pos[s] < len(plans[s])}
+            raise RuntimeError(f"the schedule deadlocks: every stage waits ({stuck})")
     return events
 
 
