@@ -214,11 +214,12 @@ def test_untied_model_and_empty_stage_hold_the_right_parameters(four_ranks):
 
 
 @pytest.mark.mpi
-def test_pipeline_checkpoint_resumes_without_pipeline(two_ranks):
+@pytest.mark.parametrize("name", ["cli_1f1b2", "zb2"])
+def test_pipeline_checkpoint_resumes_without_pipeline(two_ranks, name):
     from minillm.train.trainer import Trainer
-    run = two_ranks / "cli_1f1b2"
-    out = two_ranks / "resumed_serial"
-    cfg = load_config(None, case_args("cli_1f1b2", two_ranks, out, serial=True))
+    run = two_ranks / name
+    out = two_ranks / f"{name}_resumed_serial"
+    cfg = load_config(None, case_args(name, two_ranks, out, serial=True))
     Trainer(cfg, comm=SerialComm(), resume=str(run / "ckpt_0000002.h5"), log=lambda m: None).run()
     check_same_run(out, run, steps=range(3, STEPS + 1))
 
@@ -299,16 +300,6 @@ def test_split_and_interleaved_timelines(two_ranks, four_ranks):
     zb = _timelines(two_ranks / "zb2", 2)[0]["peak_activation_bytes"]
     ff = _timelines(two_ranks / "cli_1f1b2", 2)[0]["peak_activation_bytes"]
     assert all(z >= f for z, f in zip(zb, ff)), (zb, ff)
-
-
-@pytest.mark.mpi
-def test_zero_bubble_checkpoint_resumes_without_pipeline(two_ranks):
-    from minillm.train.trainer import Trainer
-    run = two_ranks / "zb2"
-    out = two_ranks / "zb2_resumed_serial"
-    cfg = load_config(None, case_args("zb2", two_ranks, out, serial=True))
-    Trainer(cfg, comm=SerialComm(), resume=str(run / "ckpt_0000002.h5"), log=lambda m: None).run()
-    check_same_run(out, run, steps=range(3, STEPS + 1))
 
 
 @pytest.mark.mpi
