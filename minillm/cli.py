@@ -77,7 +77,8 @@ def build_parser():
 
 def _train(args, overrides, state):
     from minillm.config import load_config
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     comm = get_world_comm()
     state["comm"] = comm
     cfg = load_config(args.config, overrides)  # the same on every rank: errors are reported once
@@ -145,7 +146,7 @@ def _inspect(args):
 
 
 def _bench(args, overrides):
-    from minillm.bench import run_bench
+    from minillm.perf.bench import run_bench
     if args.steps < 1:
         raise UserError(f"--steps={args.steps} must be >= 1")
     run_bench(args.config, overrides, steps=args.steps, with_torch=args.torch, threads=args.threads,
@@ -173,7 +174,7 @@ def main(argv=None):
     except UserError as e:
         comm = state["comm"]
         if comm is not None and comm.size > 1 and state["phase"] == "run":
-            from minillm.distributed.comm import exit_with_error
+            from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
         if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
@@ -184,7 +185,7 @@ def main(argv=None):
     except Exception as e:
         comm = state["comm"]
         if comm is not None and comm.size > 1:
-            from minillm.distributed.comm import exit_with_error
+            from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)
         raise
 

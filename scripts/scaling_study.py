@@ -7,7 +7,7 @@ budgets and record the final validation loss of each run (the data of lesson 15)
 
 A run of size N (weights that multiply activations) at budget C trains on D = C / F(N) tokens,
 where F(N) = 6N + 12 L T C is minillm's count of training FLOPs per token
-(``minillm.train.flops.flops_per_token``), so every run of one budget costs the same FLOPs:
+(``minillm.perf.flops.flops_per_token``), so every run of one budget costs the same FLOPs:
 small models see many tokens, big ones few. Everything else is fixed: character tokens, context
 64, batch 16 x 64 tokens, AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), warm-up over the
 first 5% of steps and a cosine decay to lr/10 that ends with the run (a schedule sized to each
@@ -40,7 +40,7 @@ from minillm.data import BatchSampler, CharTokenizer, load_source  # noqa: E402
 from minillm.model import GPT, GPTConfig  # noqa: E402
 from minillm.optim import AdamW, clip_grad_norm  # noqa: E402
 from minillm.optim.schedules import cosine_lr  # noqa: E402
-from minillm.train.flops import flops_per_token, matmul_params  # noqa: E402
+from minillm.perf.flops import flops_per_token, matmul_params  # noqa: E402
 
 # The ladder: (n_layer, n_embd, n_head), each rung 1.7x to 3.4x the weights of the one before.
 SIZES = {"s0": (1, 8, 2), "s1": (1, 16, 2), "s2": (2, 24, 2), "s3": (2, 32, 2), "s4": (3, 48, 3),

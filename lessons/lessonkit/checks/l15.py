@@ -4,7 +4,7 @@ import numpy as np
 from lessonkit.exercise import exercise
 from lessonkit.verify import assert_close
 from minillm.model import GPT, GPTConfig
-from minillm.train.flops import flops_per_token, matmul_params
+from minillm.perf.flops import flops_per_token, matmul_params
 
 
 @exercise("15.training_flops", broken=lambda n_params, n_tokens: 2 * n_params * n_tokens)
