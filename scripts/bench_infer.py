@@ -5,7 +5,7 @@ HTTP server under a bounded load of concurrent streaming clients on loopback.
     python scripts/bench_infer.py http RUN [--clients 1,2,4,8,16] [--max-batch 8]
     python scripts/bench_infer.py bandwidth
     (each takes --json FILE: its results go under the mode's key in FILE, e.g.
-    scripts/bench_infer_results.json, which lesson 14 reads)
+    lessons/data/inference_results.json, which lesson 14 reads)
 
 decode: a GPT of the given shape (random weights: speed does not depend on them) decodes
 ``--steps`` tokens for B prompts at once through the batched generator, in float32, int8 and
