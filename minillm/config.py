@@ -23,6 +23,7 @@ from minillm.choices import (NAMED_SOURCES, AllReduce, Device, DType, LRSchedule
                              PipelineSchedule, Tokenizer, ZeroStage)
 from minillm.config_section import (AT_LEAST_0, AT_LEAST_1, BELOW_1, OPEN_UNIT, POSITIVE, UNIT,
                                     Section, field_types, parse_override, require, show, typed)
+from minillm.distributed.topology import layout_problem
 from minillm.errors import ConfigError
 from minillm.model.config import GPTConfig
 
@@ -107,9 +108,13 @@ class ParallelConfig(Section):
     allreduce: AllReduce = "mpi"   # "ring": our hand-written ring
     partition: str = ""           # blocks per stage, e.g. "3,2,2,1"; "" = as even as possible
     zero: ZeroStage = 0           # 0 = plain data parallel, 1 = AdamW state sharded over dp ranks
-    _name, _rules = "parallel", ((AT_LEAST_1, "dp", "pp", "microbatches"), (POSITIVE, "bucket_mb"))
+    tp: int = 1                   # tensor-parallel ranks: every layer split across them (Megatron)
+    sp: bool = False              # sequence parallelism: norms, dropout, residuals split along T over tp
+    _name, _rules = "parallel", ((AT_LEAST_1, "dp", "pp", "microbatches", "tp"), (POSITIVE, "bucket_mb"))
 
     def _validate(self):
+        require(not self.sp or self.tp > 1, "parallel.sp=true splits the sequence between tensor-parallel "
+                "ranks; it needs parallel.tp >= 2 (or set parallel.sp=false)")
         require(self.zero == 0 or self.pp == 1, f"parallel.zero={self.zero} shards the optimizer over "
                 f"data-parallel ranks only, not with parallel.pp={self.pp}; set parallel.pp=1 or parallel.zero=0")
         blocks = self.partition_blocks
@@ -153,14 +158,26 @@ class Config:
                 f"parallel.partition={par.partition!r} places {sum(blocks)} blocks but model.n_layer={n_layer}")
         require(blocks or par.pp <= n_layer,
                 f"parallel.pp={par.pp} is more stages than model.n_layer={n_layer} blocks; lower parallel.pp")
+        _check_tensor_parallel(self.model, par)
+
+
+def _check_tensor_parallel(m: GPTConfig, par: "ParallelConfig") -> None:
+    """Every split tensor-parallel layer must cut into equal whole shards (the vocabulary is padded)."""
+    tp = par.tp
+    for what, n in (("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
+                    (f"the MLP width ({m.mlp}: {m.mlp_hidden})", m.mlp_hidden)):
+        require(n % tp == 0, f"{what}={n} is not divisible by parallel.tp={tp}; each tensor-parallel "
+                             f"rank must hold whole heads and equal shards: pick a tp that divides it")
+    require(not par.sp or m.block_size % tp == 0,
+            f"model.block_size={m.block_size} is not divisible by parallel.tp={tp}: parallel.sp=true "
+            f"splits every sequence into tp equal parts")
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Checks that need the number of MPI ranks: the rank grid and how the global batch splits."""
     par, tr = cfg.parallel, cfg.train
-    require(par.dp * par.pp == world_size,
-            f"parallel.dp={par.dp} x parallel.pp={par.pp} = {par.dp * par.pp} ranks but the job has {world_size}; "
-            f"launch with mpirun -np {par.dp * par.pp} or make dp x pp = {world_size}")
+    problem = layout_problem(par.dp, par.pp, par.tp, world_size)
+    require(problem is None, problem)
     per = par.dp * tr.grad_accum * par.microbatches
     require(tr.batch_size % per == 0,
             f"train.batch_size={tr.batch_size} is not divisible by parallel.dp={par.dp} x train.grad_accum="
