@@ -163,11 +163,12 @@ class Config:
 
 def _check_tensor_parallel(m: GPTConfig, par: "ParallelConfig") -> None:
     """Every split tensor-parallel layer must cut into equal whole shards (the vocabulary is padded)."""
-    tp = par.tp
-    for what, n in (("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
-                    (f"the MLP width ({m.mlp}: {m.mlp_hidden})", m.mlp_hidden)):
-        require(n % tp == 0, f"{what}={n} is not divisible by parallel.tp={tp}; each tensor-parallel "
-                             f"rank must hold whole heads and equal shards: pick a tp that divides it")
+    tp, why = par.tp, "each tensor-parallel rank holds whole heads and equal shards: pick a tp that divides it"
+    for key in ("n_head", "n_embd"):
+        n = getattr(m, key)
+        require(n % tp == 0, f"model.{key}={n} is not divisible by parallel.tp={tp}; {why}")
+    require(m.mlp_hidden % tp == 0, f"the MLP width {m.mlp_hidden} (model.mlp={m.mlp!r}) is not divisible "
+                                    f"by parallel.tp={tp}; {why}")
     require(not par.sp or m.block_size % tp == 0,
             f"model.block_size={m.block_size} is not divisible by parallel.tp={tp}: parallel.sp=true "
             f"splits every sequence into tp equal parts")

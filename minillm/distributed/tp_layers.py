@@ -26,11 +26,12 @@ A vocabulary not divisible by tp is padded with zero rows; their logits are mask
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import minillm.functional as F
 from minillm import backend
 from minillm.autograd.function import Function
-from minillm.autograd.ops import acc_dtype, mm, mm_operand, upcast
+from minillm.autograd.ops import Embedding, acc_dtype, mm, mm_operand, upcast
 from minillm.autograd.tensor import Tensor
 from minillm.backend import xp
 from minillm.distributed.tensor_parallel import (all_gather, copy_to_tensor_parallel, leave_region,
@@ -183,9 +184,29 @@ class VocabParallelEmbedding(Module):
     def forward(self, ids):
         local = ids - self.start                              # (B, T) ids in this shard's rows
         inside = (local >= 0) & (local < self.weight.shape[0])
-        x = F.embedding(xp.where(inside, local, 0), self.weight)           # (B, T, C)
-        x = x * inside[..., None].astype(x.dtype)             # zero rows of ids held elsewhere
+        x = ShardLookup.apply(self.weight, local, inside)     # (B, T, C), zeros for other shards' ids
         return reduce_from_tensor_parallel(x, self.comm)
+
+
+class ShardLookup(Function):
+    """weight[ids] where ``inside`` (ids of this shard's rows), zeros elsewhere; backward adds
+    each inside row's gradient into its row, exactly as the plain embedding does."""
+
+    @staticmethod
+    def forward(ctx, weight, local, inside):
+        ids = xp.where(inside, local, 0)                      # (B, T), any valid row for the outside
+        out = weight[ids]                                     # (B, T, C)
+        out *= inside[..., None].astype(out.dtype)
+        ctx.save_for_backward(ids, inside)
+        ctx.shape = weight.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        ids, inside = ctx.saved_tensors
+        g = g * inside[..., None].astype(g.dtype)             # (B, T, C): outside rows add nothing
+        plain = SimpleNamespace(saved_tensors=(ids,), shape=ctx.shape)
+        return Embedding.backward(plain, g)[0], None, None
 
 
 class VocabParallelCE(Function):
