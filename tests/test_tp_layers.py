@@ -184,6 +184,24 @@ def test_sequence_slices_of_dropout_masks_are_the_serial_masks():
     np.testing.assert_array_equal(positions_of_mask(rng, (2, 2, 3), 4, 6), ref[:, 4:6])
 
 
+def test_counting_comm_counts_payload_calls_and_sub_communicators():
+    from minillm.distributed.comm import SerialComm
+    from minillm.distributed.counting import CountingComm
+    comm = CountingComm(SerialComm())
+    a = np.zeros(10, dtype=np.float32)
+    comm.allreduce_(a)
+    comm.allgather_(a, [10])
+    comm.reduce_scatter_(a, [10])
+    child = comm.split(color=0)
+    child.allreduce_scalar(1.0)
+    assert dict(comm.payload) == {"allreduce": 40, "allgather": 40, "reduce_scatter": 40}
+    assert dict(comm.calls) == {"allreduce": 1, "allgather": 1, "reduce_scatter": 1}
+    assert comm.children == [child] and dict(child.calls) == {"allreduce_scalar": 1}
+    assert comm.wire_bytes() == 0                # a world of one sends nothing
+    comm.reset()
+    assert not comm.payload and not comm.seconds
+
+
 def test_grid_has_tp_innermost_and_layout_errors_name_every_dimension():
     # dp=2 x pp=2 x tp=2: ranks 0,1 are the two shards of stage 0 of replica 0
     assert [grid_coords(r, 2, 2) + (r % 2,) for r in range(8)] == [
