@@ -4,7 +4,8 @@ The ranks run this file (``python -m mpi4py tests/test_tp_layers.py``) with tp =
 (2, and 4 oversubscribed): every tensor-parallel layer, with and without sequence parallelism,
 must give the unsplit layer's output and gradients (input, weight shard, bias) to float32
 rounding, the vocabulary-parallel loss the plain cross-entropy's value and logit gradients
-(ignored rows and a padded vocabulary included). Then a real step of a tiny GPT through
+(ignored rows and a padded vocabulary included), ring attention over each rank's block of
+positions the whole sequence's causal attention (forward and backward). Then a real step of a tiny GPT through
 ``build_engine`` over a ``CountingComm``: the bytes its tp group moved equal
 ``perf/tp_cost.comm_bytes`` exactly, and the bytes its graph saved ``activation_bytes``.
 The host-only pieces (cutting and joining shards, sliced dropout masks, the grid) are tested in
@@ -139,6 +140,26 @@ def cost_checks(comm):
                 assert saved_bytes(loss, params) == activation_bytes(cfg.model, 2, tp, sp == "true")
 
 
+def ring_attention_checks(comm):
+    """Ring attention over this rank's block of positions equals causal attention over all."""
+    import minillm.functional as F
+    from minillm import Tensor
+    from minillm.distributed.context_parallel import ring_attention
+    from minillm.distributed.tensor_parallel import local_part
+    rng = np.random.default_rng(5)
+    q, k, v, gy = (rng.standard_normal((2, 3, 8, 4)) for _ in range(4))         # (B, nh, T, hs), float64
+    full = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+    out = F.scaled_dot_product_attention(*full)
+    out.backward(gy)
+    mine = [Tensor(local_part(comm, a, axis=2), requires_grad=True) for a in (q, k, v)]
+    got = ring_attention(*mine, comm)
+    np.testing.assert_allclose(got.data, local_part(comm, out.data, axis=2), rtol=1e-10, atol=1e-12)
+    got.backward(local_part(comm, gy, axis=2))
+    for name, t, ref in zip("qkv", mine, full):
+        np.testing.assert_allclose(t.grad, local_part(comm, ref.grad, axis=2), rtol=1e-9, atol=1e-11,
+                                   err_msg=f"d{name}")
+
+
 def worker():
     from minillm.distributed.comm import get_world_comm
     from minillm.distributed.launch import install_abort_handler
@@ -146,6 +167,7 @@ def worker():
     install_abort_handler(comm)
     layer_checks(comm)
     cost_checks(comm)
+    ring_attention_checks(comm)
     print(f"rank {comm.rank} of {comm.size}: layers ok", flush=True)
 
 
