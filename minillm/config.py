@@ -106,21 +106,36 @@ class ParallelConfig(Section):
     schedule: PipelineSchedule = "1f1b"
     bucket_mb: float = 25.0       # gradient all-reduce bucket size
     allreduce: AllReduce = "mpi"   # "ring": our hand-written ring
-    partition: str = ""           # blocks per stage, e.g. "3,2,2,1"; "" = as even as possible
+    partition: str = ""           # blocks per stage (per chunk), e.g. "3,2,2,1"; "" = as even as possible
     zero: ZeroStage = 0           # 0 = plain data parallel, 1 = AdamW state sharded over dp ranks
+    virtual_stages: int = 1       # chunks of layers per pipeline rank (> 1: interleaved 1F1B)
     tp: int = 1                   # tensor-parallel ranks: every layer split across them (Megatron)
     sp: bool = False              # sequence parallelism: norms, dropout, residuals split along T over tp
-    _name, _rules = "parallel", ((AT_LEAST_1, "dp", "pp", "microbatches", "tp"), (POSITIVE, "bucket_mb"))
+    _name = "parallel"
+    _rules = ((AT_LEAST_1, "dp", "pp", "microbatches", "virtual_stages", "tp"), (POSITIVE, "bucket_mb"))
 
     def _validate(self):
         require(not self.sp or self.tp > 1, "parallel.sp=true splits the sequence between tensor-parallel "
                 "ranks; it needs parallel.tp >= 2 (or set parallel.sp=false)")
         require(self.zero == 0 or self.pp == 1, f"parallel.zero={self.zero} shards the optimizer over "
                 f"data-parallel ranks only, not with parallel.pp={self.pp}; set parallel.pp=1 or parallel.zero=0")
+        v, pp, m = self.virtual_stages, self.pp, self.microbatches
         blocks = self.partition_blocks
-        require(not blocks or len(blocks) == self.pp,
-                f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={self.pp}; "
-                "give one block count per stage")
+        require(not blocks or len(blocks) == pp * v,
+                f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={pp}"
+                + (f" x parallel.virtual_stages={v} = {pp * v}" if v > 1 else "")
+                + "; give one block count per stage")
+        if v > 1:
+            require(pp > 1, f"parallel.virtual_stages={v} interleaves a pipeline; set parallel.pp >= 2 "
+                    "or parallel.virtual_stages=1")
+            require(v <= 16, f"parallel.virtual_stages={v} is more than 16 chunks per rank; lower it")
+            require(self.schedule == "1f1b", f"parallel.virtual_stages={v} interleaves 1F1B; set "
+                    f"parallel.schedule='1f1b' (not {self.schedule!r}) or parallel.virtual_stages=1")
+            require(m % pp == 0, f"interleaved 1F1B needs parallel.microbatches={m} to be a multiple of "
+                    f"parallel.pp={pp}; use {((m + pp - 1) // pp) * pp}")
+        if self.schedule == "zb-h1" and pp > 1:
+            require(m >= pp, f"parallel.schedule='zb-h1' needs parallel.microbatches={m} >= parallel.pp={pp}; "
+                    f"use --parallel.microbatches={pp} or more")
 
     @property
     def partition_blocks(self) -> tuple:
@@ -158,6 +173,10 @@ class Config:
                 f"parallel.partition={par.partition!r} places {sum(blocks)} blocks but model.n_layer={n_layer}")
         require(blocks or par.pp <= n_layer,
                 f"parallel.pp={par.pp} is more stages than model.n_layer={n_layer} blocks; lower parallel.pp")
+        v = par.virtual_stages
+        require(blocks or v == 1 or n_layer % (par.pp * v) == 0,
+                f"parallel.virtual_stages={v} does not divide the {n_layer / par.pp:g} blocks per pipeline rank "
+                f"(model.n_layer={n_layer}, parallel.pp={par.pp}); pick v dividing n_layer / pp")
         _check_tensor_parallel(self.model, par)
 
 

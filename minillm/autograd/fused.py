@@ -45,6 +45,26 @@ class Linear(Function):
         gb = g2.sum(axis=0, dtype=acc_dtype(g.dtype)).astype(g.dtype, copy=False) if need_b else None
         return gx, gw, gb
 
+    # The same backward cut in two, for zero-bubble pipelines: dX is on the critical path (the
+    # previous stage waits for it), dW and db are not and can run later, in the bubble.
+    weight_inputs = (1, 2)
+
+    @staticmethod
+    def backward_input(ctx, g):
+        x2, w = ctx.saved_tensors
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out)
+        gx = mm(g2, w, dtype=g.dtype).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return gx, None, None
+
+    @staticmethod
+    def backward_weight(ctx, g):
+        x2, _ = ctx.saved_tensors
+        need_w, need_b = (ctx.needs_input_grad + (False,))[1:3]
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out)
+        gw = mm(g2.T, x2, dtype=g.dtype) if need_w else None  # (out, in)
+        gb = g2.sum(axis=0, dtype=acc_dtype(g.dtype)).astype(g.dtype, copy=False) if need_b else None
+        return gw, gb
+
 
 class Softmax(Function):
     @staticmethod

@@ -47,8 +47,8 @@ def build_engine(cfg, model, comm, keep_step=None) -> Engine:
     topo = make_topology(comm, par.dp, par.pp, par.tp)
     tp = parallelize(model, topo.tp_comm, sp=par.sp)
     if par.pp > 1:
-        bounds = stage_bounds(model.config.n_layer, par.pp, par.partition_blocks)
-        named = stage_parameters(model, bounds, topo.stage)
+        bounds = stage_bounds(model.config.n_layer, par.pp, par.partition_blocks, par.virtual_stages)
+        named = stage_parameters(model, bounds, topo.stage, par.pp)
         drop_other_stages(model, named)
     else:
         named = list(model.named_parameters())
@@ -56,5 +56,6 @@ def build_engine(cfg, model, comm, keep_step=None) -> Engine:
     precision = make_precision(cfg.train, named)
     if par.pp > 1:
         return PipelineEngine(model, topo, bounds, named, sync, precision, schedule=par.schedule,
-                              microbatches=par.microbatches, keep_step=keep_step, tensor_parallel=tp)
+                              microbatches=par.microbatches, virtual_stages=par.virtual_stages,
+                              keep_step=keep_step, tensor_parallel=tp)
     return LocalEngine(model, precision, sync, dp_rank=topo.dp_rank, dp_size=topo.dp, tensor_parallel=tp)
