@@ -3,7 +3,8 @@
 configs/tiny.toml with dropout 0.2 (its vocabulary of 103 characters is padded for tp=2), 20
 steps, a checkpoint at step 10. Each layout trains the same global batch; every logged loss and
 gradient norm and every final weight must equal the serial run's within 1e-5 (relative): tp=2
-(through the `minillm train` command), tp=2 with sequence parallelism, dp=2 x tp=2, tp=2 x pp=2,
+(through the `minillm train` command), tp=2 with sequence parallelism, dp=2 x tp=2, tp=2 x pp=2
+(1F1B, and zero-bubble ZB-H1 with sp: the split backward defers the tp layers' weight gradients),
 dp=2 x tp=2 with ZeRO-1 and sp, a Llama-style model (SwiGLU, RMSNorm, RoPE, untied head, no
 biases) with tp=2 + sp, and float16 with tp=2 (same skipped steps). The checkpoint written under
 tp=2 at step 10 resumes serially and under dp=2 with the same next losses. Bad layouts end with
@@ -43,6 +44,8 @@ CASES = {
     "tp2_to_serial": (1, [], "serial", "tp2"),
     "dp2_tp2": (4, ["--parallel.dp=2"] + TP2, "serial", None),
     "tp2_pp2": (4, TP2 + ["--parallel.pp=2", "--parallel.microbatches=2"], "serial", None),
+    "tp2_pp2_zb_sp": (4, TP2 + ["--parallel.pp=2", "--parallel.microbatches=2", "--parallel.schedule=zb-h1",
+                                "--parallel.sp=true"], "serial", None),
     "dp2_tp2_zero1_sp": (4, ["--parallel.dp=2", "--parallel.zero=1", "--parallel.sp=true"] + TP2,
                          "serial", None),
 }
@@ -124,7 +127,8 @@ def assert_same_weights(got_ckpt, want_ckpt, tol=TOL, noise=1e-5):
 
 # ---------------------------------------------------------------- equal to serial ---------------
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "fancy_tp2_sp", "dp2_tp2", "tp2_pp2", "dp2_tp2_zero1_sp"])
+@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "fancy_tp2_sp", "dp2_tp2", "tp2_pp2", "tp2_pp2_zb_sp",
+                                  "dp2_tp2_zero1_sp"])
 def test_tensor_parallel_run_equals_serial(root, name):
     ref = root / CASES[name][2]
     assert_same_curve(root / name, ref)

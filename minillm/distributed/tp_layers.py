@@ -104,19 +104,34 @@ class GatherLinear(Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        need_x, need_w, need_b = (ctx.needs_input_grad + (False,))[:3]
+        gx = GatherLinear.backward_input(ctx, g)[0]
+        return (gx, *GatherLinear.backward_weight(ctx, g))
+
+    # cut in two for zero-bubble pipelines (``fused.Linear`` does the same): dX now, dW and db
+    # (with their re-gather of x) later, in the W step; tp ranks run the same steps in one order
+    weight_inputs = (1, 2)
+
+    @staticmethod
+    def backward_input(ctx, g):
+        _, w = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
         g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out/tp)
-        gx = gw = gb = None
-        if need_x:
-            gfull = mm(g2, w, dtype=g.dtype).reshape(g.shape[:-1] + (w.shape[1],))  # (B, T, in)
-            gx = reduce_scatter(ctx.comm, gfull)              # (B, T/tp, in)
+        gfull = mm(g2, w, dtype=g.dtype).reshape(g.shape[:-1] + (w.shape[1],))  # (B, T, in)
+        return reduce_scatter(ctx.comm, gfull), None, None    # (B, T/tp, in)
+
+    @staticmethod
+    def backward_weight(ctx, g):
+        x, _ = ctx.saved_tensors
+        need_w, need_b = (ctx.needs_input_grad + (False,))[1:3]
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out/tp)
+        gw = gb = None
         if need_w:
             full = all_gather(ctx.comm, x)                    # (B, T, in), gathered again
             gw = mm(g2.T, full.reshape(-1, full.shape[-1]), dtype=g.dtype)  # (out/tp, in)
         if need_b:
             gb = g2.sum(axis=0, dtype=acc_dtype(g.dtype)).astype(g.dtype, copy=False)
-        return gx, gw, gb
+        return gw, gb
 
 
 class ColumnParallelLinear(Module):
