@@ -7,7 +7,8 @@ gradient norm and every final weight must equal the serial run's within 1e-5 (re
 (1F1B, and zero-bubble ZB-H1 with sp: the split backward defers the tp layers' weight gradients),
 dp=2 x tp=2 with ZeRO-1 and sp, a Llama-style model (SwiGLU, RMSNorm, RoPE, untied head, no
 biases) with tp=2 + sp, and float16 with tp=2 (same skipped steps). The checkpoint written under
-tp=2 at step 10 resumes serially and under dp=2 with the same next losses. Bad layouts end with
+tp=2 at step 10 resumes serially and under dp=2 with the same next losses, and the serial one under
+tp=2 x pp=2; an overflow in one tp rank's shard skips the step on every rank. Bad layouts end with
 one `error:` line and exit code 2. The ranks run this file (``python -m mpi4py
 tests/test_tp_train.py ROOT DATA CASE...``) for all but the command-line case.
 """
@@ -46,6 +47,7 @@ CASES = {
     "tp2_pp2": (4, TP2 + ["--parallel.pp=2", "--parallel.microbatches=2"], "serial", None),
     "tp2_pp2_zb_sp": (4, TP2 + ["--parallel.pp=2", "--parallel.microbatches=2", "--parallel.schedule=zb-h1",
                                 "--parallel.sp=true"], "serial", None),
+    "serial_to_tp2_pp2": (4, TP2 + ["--parallel.pp=2", "--parallel.microbatches=2"], "serial", "serial"),
     "dp2_tp2_zero1_sp": (4, ["--parallel.dp=2", "--parallel.zero=1", "--parallel.sp=true"] + TP2,
                          "serial", None),
 }
@@ -62,7 +64,22 @@ def train_case(name, data, root, comm):
     args = overrides(name, data, root)
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("--resume=")), None)
     cfg = load_config(args[0], [a for a in args[1:] if not a.startswith("--resume=")])
-    Trainer(cfg, comm=comm, resume=resume, log=lambda msg: None).run()
+    trainer = Trainer(cfg, comm=comm, resume=resume, log=lambda msg: None)
+    trainer.run()
+    return trainer
+
+
+def overflow_on_one_shard_skips_everywhere(engine, comm):
+    """An inf in one tp rank's shard only: that rank finds it, and the vote makes every rank skip."""
+    from minillm.backend import xp
+    named = engine.named_parameters()
+    for _, p in named:
+        p.grad = xp.zeros_like(p.data)
+    shard = dict(named)["transformer.h.0.mlp.c_fc.weight"]     # split: each rank holds its own rows
+    if comm.rank == 1:
+        shard.grad[0, 0] = xp.inf
+    assert engine.precision.grads_to_master() == (comm.rank == 1)   # this rank's own finding
+    assert engine.precision.grads_to_master(agree=engine.agree), f"rank {comm.rank} would step"
 
 
 def worker(root, data, names):
@@ -71,7 +88,9 @@ def worker(root, data, names):
     comm = get_world_comm()
     install_abort_handler(comm)
     for name in names:
-        train_case(name, Path(data), Path(root), comm)
+        trainer = train_case(name, Path(data), Path(root), comm)
+        if name == "fp16_tp2":
+            overflow_on_one_shard_skips_everywhere(trainer.engine, comm)
     print(f"rank {comm.rank} done", flush=True)
 
 
@@ -148,11 +167,11 @@ def test_float16_tensor_parallel_skips_the_same_steps(root):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", ["tp2_to_serial", "tp2_to_dp2"])
-def test_tp2_checkpoint_resumes_in_other_layouts(root, name):
+@pytest.mark.parametrize("name", ["tp2_to_serial", "tp2_to_dp2", "serial_to_tp2_pp2"])
+def test_checkpoints_resume_across_tp(root, name):
     run = root / name
     assert read_metrics(run)[0]["step"] == EVERY + 1
-    assert_same_curve(run, root / "tp2", from_step=EVERY)
+    assert_same_curve(run, root / CASES[name][3], from_step=EVERY)
     assert_same_curve(run, root / "serial", from_step=EVERY)
     assert_same_weights(final(run), final(root / "serial"))
     ckpt = load_checkpoint(mid(root / "tp2"))
