@@ -272,7 +272,7 @@ class VocabParallelCE(Function):
         d = probs.copy()                                      # (N, V/tp)
         d[xp.arange(local.shape[0]), local] -= owned.astype(d.dtype)
         d *= (valid * (g / ctx.n)).astype(d.dtype)[:, None]
-        return d.reshape(ctx.shape).astype(ctx.dtype, copy=False), None
+        return d.reshape(ctx.shape).astype(ctx.dtype, copy=False), None  # (..., V/tp)
 
 
 class VocabParallelCrossEntropy(Module):
