@@ -14,7 +14,8 @@ per rank, a global batch of 4 sequences. Each rank's world communicator is a ``C
     memory     the bytes one micro-batch's graph saves for backward (``saved_bytes``) against
                ``activation_bytes`` and the paper's 16-bit ``megatron_activation_bytes``;
     time       the median step time after the first (warm-up) step, and the part of it spent
-               inside tp collectives.
+               inside tp collectives (which includes waiting for the slower rank), with the
+               machine's 1-minute load average before and after each run.
 
 With more ranks than cores (tp = 4 on a 2-core machine) the ranks share cores: the times say more
 about the machine than about tensor parallelism; bytes and memory are exact anywhere.
@@ -124,7 +125,9 @@ def main():
         vocab = int(read_meta(tmp / "data")["vocab_size"])
         for tp in args.tp:
             for sp in ([False, True] if tp > 1 else [False]):
+                load = os.getloadavg()[0]
                 r = run_one(tp, sp, tmp / "data", tmp / f"run_{tp}_{sp}", args.steps, extra)
+                r["load"] = [load, os.getloadavg()[0]]   # 1-minute load average before and after
                 cfg = load_config(None, overrides(tp, sp, "", "x", args.steps, extra) + [f"--model.vocab_size={vocab}"])
                 m = cfg.model
                 ours = comm_bytes(m, r["rows"], tp, sp)
@@ -141,15 +144,16 @@ def main():
                         + f" | {_mb(sum(ours.values()))} {'(exact)' if r['payload'] == ours else '(DIFFERS)'} | "
                         f"{_mb(sum(paper.values()))} | "
                         f"{_mb(wire_bytes(r['payload'], tp))} | {_mb(wire_bytes(paper, tp))} | "
-                        f"{r['ms']:.0f} | {r['comm_ms']:.0f} |")
+                        f"{r['ms']:.0f} | {r['comm_ms']:.0f} | {r['load'][0]:.1f}-{r['load'][1]:.1f} |")
                 else:
-                    comm_rows.append(f"| 1 | - | - | - | - | - | {r['ms']:.0f} | - |")
+                    comm_rows.append(f"| 1 | - | - | - | - | - | {r['ms']:.0f} | - | "
+                                     f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")
                 mem_rows.append(f"| {name} | {_mb(r['activation_bytes'])} | {_mb(act_formula)} | "
                                 f"{_mb(act_paper)} |")
                 print(comm_rows[-1], "\n", mem_rows[-1], flush=True)
     (out / "bench_tp.json").write_text(json.dumps(results, indent=1))
     print("\n| tp | measured payload per step (MB) | formula (MB) | Megatron layers (MB) | wire per rank (MB) "
-          "| Megatron wire (MB) | step ms | in tp collectives ms |\n|---|---|---|---|---|---|---|---|\n"
+          "| Megatron wire (MB) | step ms | in tp collectives ms | load |\n|---|---|---|---|---|---|---|---|---|\n"
           + "\n".join(comm_rows))
     print("\n| tp | activations measured (MB) | formula (MB) | Megatron 16-bit (MB) |\n|---|---|---|---|\n"
           + "\n".join(mem_rows))
