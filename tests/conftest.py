@@ -1,17 +1,30 @@
 """Shared pytest fixtures for the whole suite (kept small; other test files may add theirs here).
 
+With ``MINILLM_FAKE_CUPY=1`` the strict fake CuPy (``tests/fake_cupy``, NumPy underneath) is put
+first on ``sys.path`` and on ``PYTHONPATH`` (so CLI subprocesses and mpirun ranks import it too),
+before minillm is imported: ``MINILLM_DEVICE=gpu`` then runs the GPU code path on the CPU. The fake
+cannot compile CUDA, so the fused kernels stay off there (``MINILLM_KERNELS=0``).
+
 - ``rng``: a seeded NumPy Generator, fresh for each test, so test data is reproducible.
 - ``shared_data``: the folder of real data next to the repository (``../shared/data``), which the
   tests (never the package) may read; a test that asks for it is skipped when it is absent.
 - ``shakespeare``: the text of Tiny Shakespeare from that folder (skipped when absent).
 """
+import os
+import sys
 from pathlib import Path
-
-import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAKE_CUPY = Path(__file__).resolve().parent / "fake_cupy"
+
+if os.environ.get("MINILLM_FAKE_CUPY", "") == "1" and str(FAKE_CUPY) not in sys.path:
+    sys.path.insert(0, str(FAKE_CUPY))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_CUPY), os.environ.get("PYTHONPATH")]))
+    os.environ["MINILLM_KERNELS"] = "0"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ class PipelineEngine(Engine):
             if self.topo.is_last:
                 loss = F.cross_entropy(self.model.head(h), mb.y)
                 out = self.precision.scale_loss(loss * (1.0 / n))
-                self._losses.append(float(loss.data))
+                self._losses.append(loss.data.astype(xp.float64))  # read only when reported
             else:
                 out = h
         self.timeline.alive(micro, activation_bytes(out, self._param_ids))
@@ -182,7 +182,10 @@ class PipelineEngine(Engine):
         if self.keep_step is None or self.steps == self.keep_step:
             self.kept = (self.steps, list(self.timeline.events), self.timeline.summary())
         self.steps += 1
-        return sum(self._losses) / n if self._losses else 0.0
+        total = 0.0
+        for loss in self._losses:  # summed in order on the device, as the serial engine does
+            total = total + loss
+        return total / n if self._losses else 0.0
 
     def _sum_tied_grads(self):
         """The embedding's two gradient parts (input side on stage 0, output side on the last)."""
@@ -203,7 +206,7 @@ class PipelineEngine(Engine):
         with no_grad():
             _, h = self._stage_forward(x, received)
             if self.topo.is_last:
-                return float(F.cross_entropy(self.model.head(h), y).data)
+                return F.cross_entropy(self.model.head(h), y).data
             self._send_activation(h.data)
         return 0.0
 
@@ -218,8 +221,8 @@ class PipelineEngine(Engine):
             g = dict(self.precision.master_params)[TIED].grad
             if g is not None:
                 g = g.reshape(-1).astype(xp.float64)
-                sq -= float(xp.dot(g, g))
-        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")
+                sq = sq - xp.dot(g, g)
+        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")  # stages differ: read once per step
 
     # ------------------------------------------------------------------ checkpoints
     def _gather(self, local: dict) -> dict:

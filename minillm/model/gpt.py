@@ -1,4 +1,5 @@
 """GPT: the model (GPT-2 style, with Llama-style options); its config is in model/config.py."""
+import functools
 import math
 
 import numpy  # host-side: initial values and sampling use explicit numpy Generators
@@ -26,6 +27,12 @@ def rope_tables(head_size, positions, base=10000.0, dtype="float32"):
     angles = numpy.concatenate([angles, angles], axis=1)                        # (T, hs)
     return (backend.asarray(numpy.cos(angles).astype(dtype)),
             backend.asarray(numpy.sin(angles).astype(dtype)))
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_cached(device_key, head_size, start, T, dtype):
+    """rope_tables for positions start..start+T-1, made (and copied to device_key) once."""
+    return rope_tables(head_size, numpy.arange(start, start + T), dtype=dtype)
 
 
 class KVCache:
@@ -156,7 +163,7 @@ class GPT(Module):
     def rope_for(self, T, start_pos=0, dtype="float32"):
         if self.config.pos != "rope":
             return None
-        return rope_tables(self.config.head_size, numpy.arange(start_pos, start_pos + T), dtype=dtype)
+        return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype))
 
     def run_blocks(self, x, start=0, stop=None, rope=None, cache=None):
         blocks = list(self.transformer.h)[start:stop]

@@ -28,13 +28,13 @@ def resolve_checkpoint(path):
 
 
 def load_model(path, device=None):
-    """(model in eval mode, Config, checkpoint path) from a run dir or checkpoint. Tensors are
-    copied to the device one at a time, so the GPU never holds two copies of the model."""
+    """(model in eval mode, Config, checkpoint path) from a run dir or checkpoint, on ``device``
+    (the command line's), else the run config's ``train.device``, else MINILLM_DEVICE, else the
+    CPU. Tensors are copied to the device one at a time, so the GPU never holds two copies."""
     ckpt = resolve_checkpoint(path)
-    if device:
-        backend.set_device(device)
     state = load_checkpoint(ckpt)  # host (numpy) arrays only
     cfg = config_from_dict(state["config"])
+    backend.set_device(backend.resolve_device(device, cfg.train.device)[0])
     model = GPT(cfg.model, seed=cfg.train.seed)
     load_params(list(model.named_parameters()), state["model"], f"checkpoint {ckpt}")
     return model.eval(), cfg, ckpt
