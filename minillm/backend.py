@@ -176,4 +176,7 @@ def synchronize():
         _state["module"].cuda.get_current_stream().synchronize()
 
 
-set_device(os.environ.get("MINILLM_DEVICE", "cpu").strip().lower() or "cpu")
+try:  # importing never fails: a run that needs the GPU resolves its device and says what is wrong
+    set_device(os.environ.get("MINILLM_DEVICE", "cpu").strip().lower() or "cpu")
+except UserError:
+    set_device("cpu")

@@ -9,6 +9,8 @@ cannot compile CUDA, so the fused kernels stay off there (``MINILLM_KERNELS=0``)
 - ``shared_data``: the folder of real data next to the repository (``../shared/data``), which the
   tests (never the package) may read; a test that asks for it is skipped when it is absent.
 - ``shakespeare``: the text of Tiny Shakespeare from that folder (skipped when absent).
+- ``fake_gpu``: the fake CuPy as this process's device for one test (the fused kernels off);
+  in the fake pass, where it already is, the fake module as it is.
 """
 import os
 import sys
@@ -91,3 +93,37 @@ def minillm_cli():
 
     run.popen = popen
     return run
+
+
+# ---------------------------------------------------------------- the fake GPU in this process
+_FAKE_MODULES = {}  # imported once: a process has one cupy module, whose arrays caches may hold
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The fake CuPy (``tests/fake_cupy``) as the active device during one test; yields it."""
+    from minillm import backend, kernels
+    if backend.is_gpu():
+        import cupy
+        cupy._fake.reset()
+        yield cupy
+        return
+    if not _FAKE_MODULES:
+        sys.path.insert(0, str(FAKE_CUPY))
+        try:
+            import cupy  # noqa: F401
+            import cupyx  # noqa: F401
+        finally:
+            sys.path.remove(str(FAKE_CUPY))
+        for name in [m for m in sys.modules if m.split(".")[0] in ("cupy", "cupyx")]:
+            _FAKE_MODULES[name] = sys.modules.pop(name)
+    for name, module in _FAKE_MODULES.items():  # importable during this test only
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(kernels, "_ENABLED", False)
+    backend.set_device("gpu")
+    cupy = _FAKE_MODULES["cupy"]
+    cupy._fake.reset()
+    try:
+        yield cupy
+    finally:
+        backend.set_device("cpu")

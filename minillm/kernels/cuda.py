@@ -47,11 +47,28 @@ typedef __ACC__ acc_t;
 #define STORE(p, i, v) __STORE__
 #define NEG_INF ((acc_t)(-__int_as_float(0x7f800000)))
 
-// 16-bit conversions without headers: float16 via PTX cvt, bfloat16 = the top 16 bits of a float
+// 16-bit conversions without headers: float16 via PTX cvt on the GPU (bit arithmetic when the
+// source is compiled for a CPU emulator, as the tests' fake CuPy does), bfloat16 = the top 16
+// bits of a float
+#ifdef __CUDA_ARCH__
 __device__ __forceinline__ float h2f(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ unsigned short f2h(float f) {
     unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#else
+__device__ __forceinline__ float h2f(unsigned short h) {
+    unsigned int sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));         // inf, nan
+    if (e == 0) return __uint_as_float(sign) + (sign ? -1.0f : 1.0f) * (float)m * 5.9604645e-8f;  // subnormal
+    return __uint_as_float(sign | ((e + 112) << 23) | (m << 13)); }
+__device__ __forceinline__ unsigned short f2h(float f) {               // round to nearest even
+    unsigned int x = __float_as_uint(f), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (unsigned short)(sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);             // >= 65520: inf
+    if (a < 0x38800000u) return (unsigned short)(sign | (unsigned int)rintf(__uint_as_float(a) * 16777216.0f));
+    a += 0xfffu + ((a >> 13) & 1u);
+    return (unsigned short)(sign | ((a - 0x38000000u) >> 13)); }
+#endif
 __device__ __forceinline__ float bf2f(unsigned short b) {
     return __uint_as_float(((unsigned int)b) << 16); }
 __device__ __forceinline__ unsigned short f2bf(float f) {      // round to nearest even

@@ -17,7 +17,9 @@ and counts what costs a real GPU a synchronisation:
   ``MINILLM_FAKE_CUPY_GPUS=N`` (default 1) is the number of GPUs, 0 for none;
 - host waits are counted in ``cupy._fake.syncs`` (a Counter: ``float``, ``int``, ``bool``, ``item``,
   ``get``, ``tolist``, ``synchronize``, ...), uploads in ``cupy._fake.uploads``;
-- kernels (``ElementwiseKernel``, ``RawKernel``, ...) can be built but not run (no compiler).
+- ``RawModule`` kernels run on the CPU when g++ is there (``_emulator.py``: a thread per GPU
+  thread, barriers for ``__syncthreads``), and ``cuda.cublas`` GEMMs with NumPy, so the kernels
+  of ``minillm/kernels`` can be tested here; other kernel kinds can be built but not run.
 """
 from __future__ import annotations
 
@@ -206,7 +208,7 @@ class _Pointer:
 class ndarray:
     """A device array: a NumPy array the host may not touch implicitly."""
 
-    __slots__ = ("_a",)
+    __slots__ = ("_a", "_base")
     __array_priority__ = 100
     __hash__ = None
 
@@ -305,7 +307,12 @@ class ndarray:
     mT = property(lambda self: _wrap(numpy.swapaxes(self._a, -1, -2)))
     real = property(lambda self: _wrap(self._a.real))
     imag = property(lambda self: _wrap(self._a.imag))
-    base = property(lambda self: None if self._a.base is None else _wrap(self._a.base))
+    @property
+    def base(self):
+        mine = getattr(self, "_base", None)
+        if mine is not None:
+            return mine
+        return None if self._a.base is None else _wrap(self._a.base)
     data = property(lambda self: _Pointer(self._a.ctypes.data))
     device = property(lambda self: cuda.Device(_fake.current_device))
 
@@ -324,7 +331,10 @@ class ndarray:
         return (_wrap(r) for r in self._a)
 
     def __getitem__(self, key):
-        return _wrap(self._a[_unwrap_index(key)])
+        out = _wrap(self._a[_unwrap_index(key)])
+        if type(out) is ndarray and out._a.base is not None:  # a view: its base is this array's
+            out._base = self if self._a.base is None else self.base
+        return out
 
     def __setitem__(self, key, value):
         if isinstance(value, numpy.ndarray):  # CuPy refuses assignment from CPU arrays (gh-2079)
@@ -445,16 +455,13 @@ def fuse(*args, **kwargs):
 
 
 class _Kernel:
-    """ElementwiseKernel / ReductionKernel / RawKernel / RawModule: built, never run."""
+    """ElementwiseKernel / ReductionKernel / RawKernel: built, never run (no compiler here)."""
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
 
     def __call__(self, *args, **kwargs):
         raise NotImplementedError(f"the fake CuPy cannot compile CUDA ({type(self).__name__})")
-
-    def get_function(self, name):
-        return self
 
 
 class ElementwiseKernel(_Kernel):
@@ -469,8 +476,20 @@ class RawKernel(_Kernel):
     pass
 
 
-class RawModule(_Kernel):
-    pass
+class RawModule:
+    """CUDA C compiled for the CPU (``_emulator.py``: g++, a thread per GPU thread), so kernels'
+    code can be tested without a GPU; without g++, built but never run."""
+
+    def __init__(self, code=None, options=(), name_expressions=None, **kwargs):
+        self.code, self._module = code, None
+
+    def get_function(self, name):
+        from cupy import _emulator
+        if not _emulator.available():
+            raise NotImplementedError("the fake CuPy needs g++ to run CUDA kernels")
+        if self._module is None:
+            self._module = _emulator.Module(self.code)
+        return self._module.get_function(name)
 
 
 # ------------------------------------------------------------------ cupy.cuda
@@ -566,17 +585,9 @@ def _get_current_stream():
     return _Stream._current or _NULL_STREAM
 
 
-class _PinnedMemory:
-    def __init__(self, nbytes):
-        self._buf = bytearray(_b.max(_b.int(nbytes), 1))
-        self.size = int(nbytes)
-
-    def __buffer__(self, flags):  # Python 3.12+
-        return memoryview(self._buf)
-
-
 def _alloc_pinned_memory(nbytes):
-    return _PinnedMemory(nbytes)
+    """Page-locked host memory: here plain host memory with the buffer protocol (as CuPy's has)."""
+    return bytearray(_b.max(_b.int(nbytes), 1))
 
 
 class _MemoryPool:
@@ -608,8 +619,24 @@ def is_available():
     return _fake.device_count > 0
 
 
+def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
+             computeType, algo):
+    from cupy import _emulator
+    _emulator.gemm_strided_batched(transa, transb, m, n, k, alpha, A, Atype, lda, 0, B, Btype, ldb, 0,
+                                   beta, C, Ctype, ldc, 0, 1, computeType)
+
+
+def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb,
+                             strideB, beta, C, Ctype, ldc, strideC, batchCount, computeType, algo):
+    from cupy import _emulator
+    _emulator.gemm_strided_batched(transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb,
+                                   strideB, beta, C, Ctype, ldc, strideC, batchCount, computeType)
+
+
 cuda = types.SimpleNamespace(
     Device=_Device, Stream=_Stream, Event=_Event,
+    device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
+    cublas=types.SimpleNamespace(gemmEx=_gemm_ex, gemmStridedBatchedEx=_gemm_strided_batched_ex),
     get_current_stream=_get_current_stream,
     alloc_pinned_memory=_alloc_pinned_memory,
     is_available=is_available,
