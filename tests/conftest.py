@@ -96,34 +96,17 @@ def minillm_cli():
 
 
 # ---------------------------------------------------------------- the fake GPU in this process
-_FAKE_MODULES = {}  # imported once: a process has one cupy module, whose arrays caches may hold
-
-
 @pytest.fixture
-def fake_gpu(monkeypatch):
-    """The fake CuPy (``tests/fake_cupy``) as the active device during one test; yields it."""
-    from minillm import backend, kernels
-    if backend.is_gpu():
-        import cupy
+def fake_gpu():
+    """The fake CuPy (``tests/fake_cupy``) as the active device during one test (the fused
+    kernels off); yields it with its counters reset."""
+    sys.path.insert(0, str(FAKE_CUPY))
+    try:
+        import fake_cupy_loader
+    finally:
+        sys.path.remove(str(FAKE_CUPY))
+    with fake_cupy_loader.active() as cupy:
+        if not hasattr(cupy, "_fake"):
+            pytest.skip("needs the fake CuPy (this process runs on a real GPU)")
         cupy._fake.reset()
         yield cupy
-        return
-    if not _FAKE_MODULES:
-        sys.path.insert(0, str(FAKE_CUPY))
-        try:
-            import cupy  # noqa: F401
-            import cupyx  # noqa: F401
-        finally:
-            sys.path.remove(str(FAKE_CUPY))
-        for name in [m for m in sys.modules if m.split(".")[0] in ("cupy", "cupyx")]:
-            _FAKE_MODULES[name] = sys.modules.pop(name)
-    for name, module in _FAKE_MODULES.items():  # importable during this test only
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(kernels, "_ENABLED", False)
-    backend.set_device("gpu")
-    cupy = _FAKE_MODULES["cupy"]
-    cupy._fake.reset()
-    try:
-        yield cupy
-    finally:
-        backend.set_device("cpu")

@@ -366,13 +366,14 @@ def _norm_backward(ctx, g):
         acc = _acc(x.dtype)
         rows = max(64, -(-N // 65535))                    # rows per chunk (grid.y is at most 65535)
         chunks = max(-(-N // rows), 1)
-        dw_part, db_part = cp.zeros((chunks, C), dtype=acc), cp.zeros((chunks, C), dtype=acc)
+        alloc = cp.empty if N else cp.zeros                # the kernel writes every element
+        dw_part, db_part = alloc((chunks, C), dtype=acc), alloc((chunks, C), dtype=acc)
         if N:
             _kernel("norm_param_grads", x.dtype)((-(-C // _BLOCK), chunks), (_BLOCK,),
                                                  (_raw(x), _raw(g), mean, rstd, dw_part, db_part,
                                                   numpy.int64(N), numpy.int32(C), numpy.int64(rows)))
-        dw = dw_part.sum(axis=0).astype(w.dtype) if need[1] else None
-        db = db_part.sum(axis=0).astype(w.dtype) if need[2] else None
+        dw = dw_part.sum(axis=0).astype(w.dtype, copy=False) if need[1] else None
+        db = db_part.sum(axis=0).astype(w.dtype, copy=False) if need[2] else None
     return dx, dw, db
 
 

@@ -16,7 +16,9 @@ and counts what costs a real GPU a synchronisation:
 - ``MINILLM_FAKE_CUPY_VERSION=13.6.0`` is a CuPy 13 without bfloat16;
   ``MINILLM_FAKE_CUPY_GPUS=N`` (default 1) is the number of GPUs, 0 for none;
 - host waits are counted in ``cupy._fake.syncs`` (a Counter: ``float``, ``int``, ``bool``, ``item``,
-  ``get``, ``tolist``, ``synchronize``, ...), uploads in ``cupy._fake.uploads``;
+  ``get``, ``tolist``, ``synchronize``, ...), uploads in ``cupy._fake.uploads``, and kernel launches
+  in ``cupy._fake.launches`` (one per operation that computes or writes an array; views,
+  reshapes and ``empty`` launch nothing; a cuBLAS GEMM or a RawModule kernel is one);
 - ``RawModule`` kernels run on the CPU when g++ is there (``_emulator.py``: a thread per GPU
   thread, barriers for ``__syncthreads``), and ``cuda.cublas`` GEMMs with NumPy, so the kernels
   of ``minillm/kernels`` can be tested here; other kernel kinds can be built but not run.
@@ -40,6 +42,7 @@ class _FakeState:
     def __init__(self):
         self.syncs = collections.Counter()
         self.uploads = 0
+        self.launches = 0
         self.device_count = int(os.environ.get("MINILLM_FAKE_CUPY_GPUS", "1"))
         self.current_device = 0
         self.used_devices = []
@@ -47,6 +50,7 @@ class _FakeState:
     def reset(self):
         self.syncs.clear()
         self.uploads = 0
+        self.launches = 0
 
     @property
     def total_syncs(self):
@@ -122,9 +126,23 @@ def _unwrap_index(key):
     return key
 
 
+_NO_LAUNCH = {"empty", "empty_like"}
+
+
+def _launched(r, kwargs=None, inputs=()):
+    """Count a kernel launch when an operation wrote an array (a new one, or ``out=``); returning
+    an input as it is (``astype(copy=False)``, ``ascontiguousarray``) launches nothing."""
+    if (kwargs and kwargs.get("out") is not None) or isinstance(r, numpy.generic) or \
+            (isinstance(r, numpy.ndarray) and r.base is None and not _b.any(r is a for a in inputs)):
+        _fake.launches += 1
+    return r
+
+
 def _function(name, np_fn):
     def fn(*args, **kwargs):
-        return _wrap(np_fn(*_unwrap(args), **_unwrap_kw(kwargs)))
+        args = _unwrap(args)
+        r = np_fn(*args, **_unwrap_kw(kwargs))
+        return _wrap(r if name in _NO_LAUNCH else _launched(r, kwargs, args))
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = "cupy"
     return fn
@@ -157,6 +175,7 @@ class ufunc:
     def __call__(self, *args, **kwargs):
         if self._u is numpy.matmul:
             return _matmul(*args, **kwargs)
+        _fake.launches += 1
         return _wrap(self._u(*_unwrap(args), **_unwrap_kw(kwargs)))
 
     def at(self, a, indices, b=None):
@@ -168,6 +187,7 @@ class ufunc:
         if str(a.dtype) not in allowed:
             raise TypeError(f"cupy.{self.__name__}.at only supports {', '.join(allowed)} as data type")
         args = (a._a, _unwrap_index(indices)) + (() if b is None else (_unwrap(b),))
+        _fake.launches += 1
         self._u.at(*args)
 
     def reduce(self, array, axis=0, dtype=None, out=None, keepdims=False):
@@ -192,6 +212,7 @@ def _matmul(a, b, out=None, **kwargs):
     a, b = _unwrap(a), _unwrap(b)
     if kwargs:
         raise TypeError(f"cupy.matmul: unsupported arguments {sorted(kwargs)}")
+    _fake.launches += 1
     r = _half_matmul(a, b)
     if out is not None:
         out._a[...] = r
@@ -331,7 +352,7 @@ class ndarray:
         return (_wrap(r) for r in self._a)
 
     def __getitem__(self, key):
-        out = _wrap(self._a[_unwrap_index(key)])
+        out = _wrap(_launched(self._a[_unwrap_index(key)]))
         if type(out) is ndarray and out._a.base is not None:  # a view: its base is this array's
             out._base = self if self._a.base is None else self.base
         return out
@@ -339,6 +360,7 @@ class ndarray:
     def __setitem__(self, key, value):
         if isinstance(value, numpy.ndarray):  # CuPy refuses assignment from CPU arrays (gh-2079)
             raise _host_error(value)
+        _fake.launches += 1
         self._a[_unwrap_index(key)] = _unwrap(value)
 
     def __matmul__(self, other):
@@ -353,7 +375,8 @@ class ndarray:
 
 def _method(name):
     def m(self, *args, **kwargs):
-        return _wrap(getattr(self._a, name)(*_unwrap(args), **_unwrap_kw(kwargs)))
+        return _wrap(_launched(getattr(self._a, name)(*_unwrap(args), **_unwrap_kw(kwargs)), kwargs,
+                               (self._a,)))
     m.__name__ = name
     return m
 
@@ -370,7 +393,10 @@ def _operator(name):
     np_op = getattr(numpy.ndarray, name)
 
     def op(self, *args):
-        return _wrap(np_op(self._a, *_unwrap(args)))
+        r = np_op(self._a, *_unwrap(args))
+        if r is not NotImplemented:
+            _fake.launches += 1
+        return _wrap(r)
     op.__name__ = name
     return op
 
@@ -388,6 +414,7 @@ def _inplace(name):
     np_op = getattr(numpy.ndarray, name)
 
     def op(self, other):
+        _fake.launches += 1
         np_op(self._a, _unwrap(other))
         return self
     op.__name__ = name
@@ -411,8 +438,8 @@ _FUNCTIONS = {n: _function(n, getattr(numpy, n)) for n in _FUNCTION_NAMES
 def _host_in(x, dtype=None, **kwargs):
     if type(x) is ndarray:
         return x._a if dtype is None else x._a.astype(dtype, copy=False)
-    _fake.uploads += 1
-    return numpy.asarray(_unwrap_nested_device(x), dtype=dtype)
+    _fake.uploads += 1  # a copy to the device: never the host's memory itself
+    return numpy.array(_unwrap_nested_device(x), dtype=dtype, copy=True)
 
 
 def _unwrap_nested_device(x):
@@ -489,7 +516,12 @@ class RawModule:
             raise NotImplementedError("the fake CuPy needs g++ to run CUDA kernels")
         if self._module is None:
             self._module = _emulator.Module(self.code)
-        return self._module.get_function(name)
+        kernel = self._module.get_function(name)
+
+        def launch(*args, **kwargs):
+            _fake.launches += 1
+            return kernel(*args, **kwargs)
+        return launch
 
 
 # ------------------------------------------------------------------ cupy.cuda
@@ -622,6 +654,7 @@ def is_available():
 def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
              computeType, algo):
     from cupy import _emulator
+    _fake.launches += 1
     _emulator.gemm_strided_batched(transa, transb, m, n, k, alpha, A, Atype, lda, 0, B, Btype, ldb, 0,
                                    beta, C, Ctype, ldc, 0, 1, computeType)
 
@@ -629,6 +662,7 @@ def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ld
 def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb,
                              strideB, beta, C, Ctype, ldc, strideC, batchCount, computeType, algo):
     from cupy import _emulator
+    _fake.launches += 1
     _emulator.gemm_strided_batched(transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb,
                                    strideB, beta, C, Ctype, ldc, strideC, batchCount, computeType)
 
