@@ -165,6 +165,22 @@ def test_gemm_float32_result(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_embedding_backward_is_a_deterministic_scatter_add(dtype):
+    from minillm.kernels.cuda import embedding_backward
+    rng = np.random.default_rng(8)
+    V, N, C = 50, 200, 24
+    ids = rng.integers(0, V, N)
+    ids[:40] = 7                                             # a frequent token: a long segment
+    rows = rng.standard_normal((N, C)).astype(dtype)
+    want = np.zeros((V, C))
+    np.add.at(want, ids, rows.astype(np.float64))
+    got = embedding_backward(backend.asarray(ids), backend.asarray(rows), V)
+    again = embedding_backward(backend.asarray(ids), backend.asarray(rows), V)
+    assert got.dtype == np.dtype(dtype) and np.array_equal(backend.to_numpy(got), backend.to_numpy(again))
+    close(backend.to_numpy(got).astype(np.float64), want, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_adamw_in_one_launch_equals_the_reference(dtype):
     from minillm.nn import Parameter
     from minillm.optim import AdamW

@@ -1,7 +1,7 @@
 """Fused CUDA kernels for the GPU, and the switch that selects them.
 
 On the GPU the hot non-matmul work of a step (GELU, layer/RMS norm forward and backward, the
-softmax-cross-entropy, AdamW) is written as CuPy kernels in ``cuda.py`` (one launch where the
+softmax-cross-entropy, AdamW, the embedding's scatter-add) is written as CuPy kernels in ``cuda.py`` (one launch where the
 NumPy-style code in ``autograd/fused.py`` launches one kernel per array operation), and 16-bit
 matmuls with a float32 result call cuBLAS directly (``gemm.py``). They are used when the device
 is the GPU and ``MINILLM_KERNELS`` is not ``0``; everywhere else (the CPU, or a GPU with the
@@ -43,6 +43,12 @@ def matmul(a, b, out_dtype):
     """a @ b for two 16-bit arrays with a float32 accumulator, the result in ``out_dtype``."""
     from minillm.kernels.gemm import matmul as gemm
     return gemm(a, b, out_dtype)
+
+
+def embedding_backward(ids, rows, V):
+    """Deterministic scatter-add of ``rows`` (N, C) into a (V, C) gradient by ``ids`` (N,)."""
+    from minillm.kernels.cuda import embedding_backward as scatter
+    return scatter(ids, rows, V)
 
 
 def adamw_step(items, **hyper):
