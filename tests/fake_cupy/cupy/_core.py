@@ -349,6 +349,9 @@ class ndarray:
         return _matmul(self, other, out=self)
 
 
+ndarray.__module__ = "cupy"  # as real CuPy reports it (cupy.ndarray)
+
+
 def _method(name):
     def m(self, *args, **kwargs):
         return _wrap(_launched(getattr(self._a, name)(*_unwrap(args), **_unwrap_kw(kwargs)), kwargs,
