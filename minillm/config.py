@@ -20,9 +20,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from minillm.choices import (NAMED_SOURCES, AllReduce, Device, DType, LRSchedule, Optimizer,
-                             PipelineSchedule, Tokenizer, ZeroStage)
+                             PipelineSchedule, Recompute, Tokenizer, ZeroStage)
 from minillm.config_section import (AT_LEAST_0, AT_LEAST_1, BELOW_1, OPEN_UNIT, POSITIVE, UNIT,
-                                    Section, field_types, parse_override, require, show, typed)
+                                    Section, field_types, parse_override, parse_size, require, show,
+                                    typed)
 from minillm.errors import ConfigError
 from minillm.model.config import GPTConfig
 
@@ -80,6 +81,8 @@ class TrainConfig(Section):
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
     progress: bool = True
+    recompute: Recompute = "none"  # activation recomputation: "full" blocks, or the "selective" attention core
+    memory_limit: str = ""        # e.g. "16GiB": refuse to start when the memory ledger predicts more per rank
     _name = "train"
     _rules = ((AT_LEAST_1, "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
                "loss_scale_growth_interval"),
@@ -95,6 +98,8 @@ class TrainConfig(Section):
         require(self.batch_size % self.grad_accum == 0,
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
         require(self.out_dir.strip() != "", "train.out_dir is empty; give the run directory, e.g. runs/my_run")
+        if self.memory_limit:
+            parse_size("train.memory_limit", self.memory_limit)
 
 
 @dataclass
@@ -106,7 +111,7 @@ class ParallelConfig(Section):
     bucket_mb: float = 25.0       # gradient all-reduce bucket size
     allreduce: AllReduce = "mpi"   # "ring": our hand-written ring
     partition: str = ""           # blocks per stage, e.g. "3,2,2,1"; "" = as even as possible
-    zero: ZeroStage = 0           # 0 = plain data parallel, 1 = AdamW state sharded over dp ranks
+    zero: ZeroStage = 0           # 0 = plain dp; 1 AdamW state, 2 + gradients, 3 + parameters sharded over dp ranks
     _name, _rules = "parallel", ((AT_LEAST_1, "dp", "pp", "microbatches"), (POSITIVE, "bucket_mb"))
 
     def _validate(self):

@@ -4,6 +4,7 @@ Assigning a Parameter or a Module to an attribute registers it, so ``named_param
 yields ``transformer.h.0.attn.c_attn.weight``-style names in a fixed (registration) order, and
 ``state_dict`` / ``load_state_dict`` map those names to arrays.
 """
+import functools
 from collections import OrderedDict
 
 from minillm import backend
@@ -47,6 +48,13 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    def wrap_forward(self, wrapper):
+        """From now on, calling this module runs ``wrapper(forward, *args, **kwargs)``, where
+        ``forward`` is what ran before. Features that act around a module without changing its
+        code use this: activation recomputation (``model/recompute.py``), ZeRO-3's gathering of
+        a block's parameters (``distributed/zero3.py``). The last wrapper added runs outermost."""
+        object.__setattr__(self, "forward", functools.partial(wrapper, self.forward))
 
     # ----------------------------------------------------------------- traversal
     def named_modules(self, prefix=""):

@@ -21,6 +21,7 @@ from minillm.distributed.topology import (drop_other_stages, make_topology, stag
                                           stage_parameters)
 from minillm.distributed.zero import ZeroSync
 from minillm.engine import Engine, LocalEngine
+from minillm.model.recompute import apply_recompute
 
 
 def make_grad_sync(par, named_params, dp_comm) -> GradSync:
@@ -38,6 +39,7 @@ def build_engine(cfg, model, comm, keep_step=None) -> Engine:
     """The engine for this config on this rank of ``comm`` (collective: every rank calls it).
     ``keep_step``: which step's timeline a pipeline engine keeps (default: the latest)."""
     par = cfg.parallel
+    apply_recompute(model, cfg.train.recompute)  # which activations backward recomputes
     topo = make_topology(comm, par.dp, par.pp)
     if par.pp > 1:
         bounds = stage_bounds(model.config.n_layer, par.pp, par.partition_blocks)
