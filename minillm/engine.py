@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from minillm.amp import FullPrecision
 from minillm.autograd.tensor import no_grad
 from minillm.distributed.grad_sync import LocalSync
-from minillm.nn.module import load_params
 
 
 @dataclass(frozen=True)
@@ -114,9 +113,9 @@ class Engine:
         return optimizer.state_dict()
 
     def load_model_state(self, state: dict, source: str = "checkpoint") -> None:
-        """Copy this process's tensors out of a full (serial-format) model state."""
-        load_params(self.precision.master_params, state, source)
-        self.precision.master_to_model()
+        """Copy this process's tensors out of a full (serial-format) model state (the sync knows
+        which part of them this process keeps)."""
+        self.sync.load_model_state(self.precision, state, source)
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
@@ -164,4 +163,4 @@ class LocalEngine(Engine):
         return self.sync.mean_over_replicas(value)
 
     def model_state(self):
-        return {name: p.data for name, p in self.precision.master_params}
+        return self.sync.model_state(self.precision.master_params)

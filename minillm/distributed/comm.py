@@ -163,6 +163,12 @@ class Comm:
 
         return host, (copy_back if write_back else None)
 
+    @staticmethod
+    def _movable(a):
+        """``a`` as MPI can move it: bfloat16 (unknown to MPI and DLPack) as its 16-bit pattern.
+        Only for collectives that copy data; reductions need a type MPI can add."""
+        return a.view(numpy.uint16) if a.dtype.kind == "V" and a.dtype.itemsize == 2 else a
+
     def _op(self, op):
         MPI = self._MPI
         return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[_check_op(op)]
@@ -238,6 +244,8 @@ class Comm:
         contributes ``part`` (``counts[rank]`` elements), or by default its own slot of ``a``."""
         lo, hi = _part(a, counts, self.rank, self.size)
         displs = numpy.cumsum([0, *counts[:-1]]).tolist()
+        a = self._movable(a)
+        part = None if part is None else self._movable(part)
         buf, finish = self._buffer(a, write_back=True)
         if part is None:
             send, keep = self._MPI.IN_PLACE, buf

@@ -115,6 +115,14 @@ def concat_pieces(group, arrays, dtype):
     return out
 
 
+def broadcast_params(named, comm, root: int = 0) -> None:
+    """Every rank's parameters become rank ``root``'s (in place): replicas start equal."""
+    for _, p in named:
+        if not p.data.flags.c_contiguous:
+            p.data = xp.ascontiguousarray(p.data)
+        comm.bcast_(p.data, root=root)
+
+
 def flatten_params_(params):
     """Move the parameters' arrays into one flat buffer (each ``p.data`` becomes a view into it,
     same values) and return the buffer. One collective then writes every parameter at once."""

@@ -37,8 +37,8 @@ from collections.abc import Mapping
 
 from minillm.backend import xp
 from minillm.distributed.grad_sync import GradSync
-from minillm.distributed.shard import (ShardGroup, ShardLayout, flatten_params_,  # noqa: F401
-                                       gather_to_root, piece_of)
+from minillm.distributed.shard import (ShardGroup, ShardLayout,  # noqa: F401
+                                       broadcast_params, flatten_params_, gather_to_root, piece_of)
 from minillm.errors import UserError
 from minillm.optim.adamw import AdamW
 from minillm.optim.optimizer import named_parameters
@@ -52,7 +52,20 @@ def optimizer_state_nbytes(optimizer) -> int:
 
 
 # ---------------------------------------------------------------- gradients ---------------------
-class ZeroSync(GradSync):
+class ShardedGrads(GradSync):
+    """What every ZeRO stage answers alike: each rank holds the gradients of its own shard."""
+
+    def agree(self, found_inf: bool) -> bool:
+        """An inf/nan lands only in the shard of the rank that owns it, but every rank must take
+        the same decision (skip the step, or step and all-gather): an all-reduce max of the flag."""
+        return self.comm.allreduce_scalar(float(found_inf), "max") > 0
+
+    def grad_sq_reduce(self, sq: float) -> float:
+        """Each rank holds the gradient of its own shard (zeros elsewhere): the squares add up."""
+        return self.comm.allreduce_scalar(sq, "sum")
+
+
+class ZeroSync(ShardedGrads):
     """The gradient sync of ZeRO-1: ``ZeroSync(named_params, comm)``.
 
     Backward runs as in a serial run, accumulating each rank's local gradients; then
@@ -66,10 +79,7 @@ class ZeroSync(GradSync):
         self.named = list(named_params)
         self.layout = ShardLayout([p.data.size for _, p in self.named], comm.size)
         self.lo, self.hi = self.layout.shard(comm.rank)
-        for _, p in self.named:  # everybody starts from rank 0's weights, as with DataParallel
-            if not p.data.flags.c_contiguous:
-                p.data = xp.ascontiguousarray(p.data)
-            comm.bcast_(p.data, root=0)
+        broadcast_params(self.named, comm)  # everybody starts from rank 0's weights, as with DataParallel
         self.flat = xp.zeros(self.layout.total, dtype=xp.float32)
         self.views = [self.flat[a:b].reshape(p.shape) for (_, p), a, b in
                       zip(self.named, self.layout.offsets, self.layout.offsets[1:])]
@@ -93,15 +103,6 @@ class ZeroSync(GradSync):
         self.flat[self.hi:] = 0.0
         for (_, p), view in zip(self.named, self.views):
             p.grad = view
-
-    def agree(self, found_inf: bool) -> bool:
-        """An inf/nan lands only in the shard of the rank that owns it, but every rank must take
-        the same decision (skip the step, or step and all-gather): an all-reduce max of the flag."""
-        return self.comm.allreduce_scalar(float(found_inf), "max") > 0
-
-    def grad_sq_reduce(self, sq: float) -> float:
-        """Each rank holds the gradient of its own shard (zeros elsewhere): the squares add up."""
-        return self.comm.allreduce_scalar(sq, "sum")
 
     def make_optimizer(self, train_cfg, params):
         """AdamW over this rank's shard (the config rejects zero with SGD)."""

@@ -147,16 +147,23 @@ class ModuleList(Module):
         return len(self._modules)
 
 
-def load_params(named_params, state, source):
-    """Copy ``state[name]`` into each parameter in place; a missing or mis-shaped tensor is a
-    UserError naming it and the file."""
-    missing = [n for n, _ in named_params if n not in state]
+def check_state(shapes, state, source):
+    """A UserError naming the tensor and the file unless ``state`` has every name of ``shapes``
+    (name -> shape) with that shape."""
+    missing = [n for n in shapes if n not in state]
     if missing:
         raise UserError(f"{source} has no tensor {missing[0]!r}" +
                         (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "") +
                         "; it was written for a different model")
-    for name, p in named_params:
-        if tuple(state[name].shape) != p.shape:
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != tuple(shape):
             raise UserError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but the "
-                            f"model expects {p.shape}; check the [model] config")
+                            f"model expects {tuple(shape)}; check the [model] config")
+
+
+def load_params(named_params, state, source):
+    """Copy ``state[name]`` into each parameter in place; a missing or mis-shaped tensor is a
+    UserError naming it and the file."""
+    check_state({n: p.shape for n, p in named_params}, state, source)
+    for name, p in named_params:
         p.data[...] = backend.asarray(state[name]).astype(p.data.dtype, copy=False)

@@ -302,8 +302,9 @@ class Trainer:
 
     def print_sample(self):
         t = self.cfg.train
-        if t.sample_tokens <= 0 or self.cfg.parallel.pp > 1:
-            return
+        par = self.cfg.parallel
+        if t.sample_tokens <= 0 or par.pp > 1 or (par.zero == 3 and par.dp > 1):
+            return  # one rank alone cannot run a model spread over stages or ZeRO-3 shards
         tok = load_tokenizer(self.ddir)
         prompt = t.sample_prompt or "\n"
         try:
