@@ -33,7 +33,9 @@ from minillm.engine import Microbatch
 from minillm.errors import UserError
 from minillm.model import GPT
 from minillm.optim import clip_grad_norm, get_lr
+from minillm.config_section import parse_size
 from minillm.perf.allocator import tune_host_allocator
+from minillm.perf.memory import check_memory_limit, memory_ledger
 from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
 from minillm.train.build import build_engine
 from minillm.train.metrics import MetricsLog, format_line
@@ -98,6 +100,9 @@ class Trainer:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(self.ddir).resolve())))
         self.cfg = cfg = resolve_vocab(cfg, meta)
         t = cfg.train
+        if t.memory_limit:  # refuse before anything is allocated (the same verdict on every rank)
+            check_memory_limit(memory_ledger(cfg, gpu=t.device == "gpu"),
+                               parse_size("train.memory_limit", t.memory_limit), "train.memory_limit")
         self.run_dir = Path(t.out_dir)
         self.train_data = TokenDataset(self.ddir, "train")
         self.val_data = TokenDataset(self.ddir, "val")
