@@ -76,8 +76,8 @@ def _rss() -> int:
 
 def measure_training(cfg, comm, steps: int = 2, warmup: int = 1, timed: int = 2) -> dict:
     """Run ``warmup`` + ``steps`` real optimizer steps of ``cfg`` on this rank (collective:
-    every rank of ``comm`` calls it); returns ``{"peak", "rss_before", "rss_peak", "step_s"}``
-    for this rank. Nothing is written but a scratch run directory, removed afterwards."""
+    every rank of ``comm`` calls it); returns ``{"peak", "held", "rss_before", "rss_peak",
+    "step_s"}`` for this rank (``held``: bytes still allocated after the measured steps). Nothing is written but a scratch run directory, removed afterwards."""
     from minillm.train.trainer import Trainer
     with tempfile.TemporaryDirectory(prefix="minillm_measure_") as tmp:
         out = comm.bcast_obj(tmp, 0)  # rank 0's directory (the one that writes)
@@ -98,6 +98,7 @@ def measure_training(cfg, comm, steps: int = 2, warmup: int = 1, timed: int = 2)
                 trainer.step += 1
             backend.synchronize()
             peak = meter.peak()
+            held = _held() if not backend.is_gpu() else meter.hook.used
         finally:
             meter.stop()
         t0 = time.perf_counter()
@@ -108,7 +109,13 @@ def measure_training(cfg, comm, steps: int = 2, warmup: int = 1, timed: int = 2)
         step_s = (time.perf_counter() - t0) / max(timed, 1)
         comm.barrier()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak": int(peak), "rss_before": rss_before, "rss_peak": rss_peak, "step_s": step_s}
+    return {"peak": int(peak), "held": int(held), "rss_before": rss_before, "rss_peak": rss_peak,
+            "step_s": step_s}
+
+
+def _held() -> int:
+    """Bytes traced now: between steps, what the run keeps (state, buffers, caches)."""
+    return tracemalloc.get_traced_memory()[0]
 
 
 def graph_bytes(root, exclude=()) -> int:
