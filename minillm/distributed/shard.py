@@ -19,6 +19,8 @@ rank's shard of a group to rank 0, which cuts the flat vector back into paramete
 """
 from __future__ import annotations
 
+import math
+
 import numpy
 
 from minillm import backend
@@ -65,7 +67,7 @@ class ShardGroup:
 
     def __init__(self, names, shapes, rank: int, nranks: int):
         self.names, self.shapes = list(names), [tuple(s) for s in shapes]
-        self.layout = ShardLayout([int(numpy.prod(s)) for s in self.shapes], nranks)
+        self.layout = ShardLayout([math.prod(s) for s in self.shapes], nranks)
         self.lo, self.hi = self.layout.shard(rank)
         self.count = self.hi - self.lo
         self.slices = self.layout.slices(rank)

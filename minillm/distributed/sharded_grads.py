@@ -158,11 +158,13 @@ class ShardedSync(ShardedGrads):
         self.last_wait_s, self._wait = self._wait, 0.0
         self.total_wait_s += self.last_wait_s
 
-    def _shard_of(self, k, dtype=None):
+    def _pieces_of(self, k):
+        """Group k's (name, piece) pairs on this rank."""
+        return self.pieces[self._first_piece[k]:self._first_piece[k + 1]]
+
+    def _shard_of(self, k, dtype):
         """Group k's shard on this rank as one flat array, from its pieces' current values."""
-        pieces = [p.data for _, p in self.pieces[self._first_piece[k]:self._first_piece[k + 1]]]
-        dtype = dtype or (pieces[0].dtype if pieces else self._grad_dtype)
-        return concat_pieces(self.groups[k], pieces, dtype)
+        return concat_pieces(self.groups[k], [p.data for _, p in self._pieces_of(k)], dtype)
 
     def _piece_slots(self):
         return [(k, o, b - a) for k, g in enumerate(self.groups) for _, a, b, o in g.slices]

@@ -107,8 +107,9 @@ class Zero3Sync(ShardedSync):
             return
         g = self.groups[k]
         flat = xp.empty(g.layout.total, dtype=self._dtype)
-        part = self._shard_of(k, self._dtype)  # this rank's pieces, end to end
-        self._pending[k] = (self.comm.iallgather_(flat, g.layout.counts, part=part), flat)
+        for (_, a, b, o), (_, piece) in zip(g.slices, self._pieces_of(k)):
+            flat[g.lo + o:g.lo + o + b - a] = piece.data  # this rank's shard in its place ...
+        self._pending[k] = (self.comm.iallgather_(flat, g.layout.counts), flat)  # ... the others' around it
 
     def _gather(self, k):
         """Unit k's weights, whole, in its Parameters (waiting for the gather if needed)."""

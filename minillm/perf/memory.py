@@ -27,6 +27,8 @@ prediction (tests keep the two within 5 %).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -95,7 +97,7 @@ def gpt_parameters(mc) -> list[tuple[str, tuple]]:
 
 
 def _numel(shape) -> int:
-    return int(numpy.prod(shape))
+    return math.prod(shape)
 
 
 def _stand_ins(named):
@@ -127,24 +129,35 @@ def memory_ledger(cfg, gpu: bool = False, tp: int = 1) -> list[RankMemory]:
              cpu_half=a < 4 and not gpu, fp16=t.dtype == "float16", dropout=mc.dropout > 0, rope=mc.pos == "rope",
              swiglu=mc.mlp == "swiglu", rms=mc.norm == "rmsnorm", learned=mc.pos == "learned",
              tied=mc.tie_embeddings, tp=tp)
-    out = []
-    for rank in range(par.dp * par.pp):
-        dp_rank, stage = divmod(rank, par.pp)
+    zero = par.zero if par.dp > 1 else 0
+    out, done = [], {}
+    for stage in range(par.pp):
         mine = [(n, s) for n, s in named if stage in stage_of(n, bounds, mc.tie_embeddings)] \
             if par.pp > 1 else named
-        out.append(_rank_ledger(cfg, d, mine, bounds[stage], rank, stage, dp_rank, n_micro))
-    return out
+        lists = [mine]  # how the sync groups the gradients: one group (ZeRO-1), buckets, blocks
+        if zero == 2:
+            shapes = dict(mine)
+            lists = [[(n, shapes[n]) for n, _ in g] for g in bucket_groups(_stand_ins(mine), par.bucket_mb)]
+        elif zero == 3:
+            lists = _zero3_units(mine, mc.n_layer)
+        for dp_rank in range(par.dp):
+            groups = [ShardGroup([n for n, _ in g], [s for _, s in g], dp_rank, par.dp) for g in lists]
+            key = (stage, tuple(g.count for g in groups))  # ranks with equal shards: one simulation
+            if key not in done:
+                done[key] = _rank_ledger(cfg, d, mine, groups, bounds[stage], stage, dp_rank, n_micro, zero)
+            rank = dp_rank * par.pp + stage
+            out.append(dataclasses.replace(done[key], rank=rank, dp_rank=dp_rank))
+    return sorted(out, key=lambda r: r.rank)
 
 
-def _rank_ledger(cfg, d, named, blocks, rank, stage, dp_rank, n_micro) -> RankMemory:
+def _rank_ledger(cfg, d, named, groups, blocks, stage, dp_rank, n_micro, zero) -> RankMemory:
     mc, t, par = cfg.model, cfg.train, cfg.parallel
     a, half, dp = d.a, _half(t.dtype), par.dp
-    zero = par.zero if dp > 1 else 0
     shapes = dict(named)
     psi = sum(_numel(s) for _, s in named)
     largest = max(_numel(s) for _, s in named)
     parts = dict.fromkeys(CATEGORIES, 0)
-    gathers, groups, send = None, [], False
+    gathers, send = None, False
 
     if zero <= 1:
         owned = psi
@@ -152,18 +165,16 @@ def _rank_ledger(cfg, d, named, blocks, rank, stage, dp_rank, n_micro) -> RankMe
         if dp > 1:  # DataParallel's buckets (float32 sums), or ZeRO-1's flat gradient buffer
             parts["buffers" if zero == 0 else "gradients"] += F32 * psi
         if zero == 1:
-            group = ShardGroup([n for n, _ in named], [s for _, s in named], dp_rank, dp)
-            owned, largest = group.count, max(b - a_ for _, a_, b, _ in group.slices)
+            owned, largest = groups[0].count, max(b - a_ for _, a_, b, _ in groups[0].slices)
+        groups = []
     else:
-        lists = (bucket_groups(_stand_ins(named), par.bucket_mb) if zero == 2 else _zero3_units(named, mc.n_layer))
-        groups = [ShardGroup([n for n, _ in g], [shapes[n] for n, _ in g], dp_rank, dp) for g in lists]
         owned = sum(g.count for g in groups)
         largest = max((b - a_ for g in groups for _, a_, b, _ in g.slices), default=0)
         parts["parameters"] = a * (psi if zero == 2 else owned) + (a * owned if zero == 2 and half else 0)
         parts["gradients"] += F32 * owned if half else a * owned       # the gradient shards
         send = True
         if zero == 3:
-            gathers = Gathers([a * g.layout.total for g in groups], [a * g.count for g in groups])
+            gathers = Gathers([a * g.layout.total for g in groups])
     if half:  # float32 masters and their gradients (MixedPrecision's flat buffer)
         parts["masters"] = F32 * owned
         parts["gradients"] += F32 * owned
@@ -184,7 +195,8 @@ def _rank_ledger(cfg, d, named, blocks, rank, stage, dp_rank, n_micro) -> RankMe
     batch = I64_BATCH * d.b * (mc.block_size + 1) * n_micro
     base = sum(parts.values())
     if par.pp == 1:
-        sim = simulate_step(d, mc.n_layer, base, sink, t.recompute, n_micro, gathers, batch)
+        finish = F32 * owned if zero == 1 else 0                   # ZeroSync copies out its shard
+        sim = simulate_step(d, mc.n_layer, base, sink, t.recompute, n_micro, gathers, batch, finish)
         nodes = _nodes_per_micro(mc, t.recompute)
     else:
         sim = simulate_stage(cfg, d, base, sink, blocks, stage, batch)
@@ -194,7 +206,7 @@ def _rank_ledger(cfg, d, named, blocks, rank, stage, dp_rank, n_micro) -> RankMe
     parts["gradients"] += at.get("gradients", 0)
     parts["buffers"] += at.get("buffers", 0)
     parts["other"] += at.get("batch", 0) + at.get("workspace", 0)
-    return RankMemory(rank, stage, dp_rank, parts, dict(sim.kept), sim.peak_at, state)
+    return RankMemory(0, stage, dp_rank, parts, dict(sim.kept), sim.peak_at, state)
 
 
 I64_BATCH = 8  # token ids are int64 on the way in

@@ -119,8 +119,10 @@ class GradSink:
         self.next = k + 1
         sim.after_send(k)
 
-    def finish(self, sim):
-        """The step's end: start what is left, wait for everything."""
+    def finish(self, sim, temp=0):
+        """The step's end: start what is left, wait for everything (``temp``: a temporary of
+        the sync's own finish)."""
+        sim.temp(temp, "gradient sync")
         while self.send and self.next < len(self.groups):
             self._launch(sim, self.next)
         for n in self.flying:
@@ -174,25 +176,23 @@ class StepSim:
 # ---------------------------------------------------------------- ZeRO-3's gathered weights ------
 class Gathers:
     """Which ZeRO-3 units have their weights whole on this rank (``zero3.py``): ``unit_bytes[k]``
-    for the units in the sync's order (blocks last to first, then the root), ``part_bytes[k]``
-    this rank's shard of each (copied into a send buffer while its all-gather is in flight)."""
+    for the units in the sync's order (blocks last to first, then the root). A gather writes
+    into the unit's whole buffer (this rank's shard in place): nothing else is allocated."""
 
-    def __init__(self, unit_bytes, part_bytes):
-        self.unit_bytes, self.part_bytes = unit_bytes, part_bytes
+    def __init__(self, unit_bytes):
+        self.unit_bytes = unit_bytes
         self.state = [None] * len(unit_bytes)  # None, "flying", "whole"
         self.root = len(unit_bytes) - 1
 
     def start(self, s, k):
         if k is None or self.state[k] is not None:
             return
-        s.alloc(self.unit_bytes[k] + self.part_bytes[k], "buffers")
+        s.alloc(self.unit_bytes[k], "buffers")
         self.state[k] = "flying"
 
     def wait(self, s, k):
         self.start(s, k)
-        if self.state[k] == "flying":
-            s.free(self.part_bytes[k], "buffers")
-            self.state[k] = "whole"
+        self.state[k] = "whole"
 
     def free(self, s, k):
         if self.state[k] is not None:
@@ -203,10 +203,12 @@ class Gathers:
 
 # ---------------------------------------------------------------- one step -----------------------
 def simulate_step(d: Dims, n_layer: int, base: int, sink: GradSink, recompute="none", n_micro=1,
-                  gathers: Gathers | None = None, batch_bytes=0) -> StepSim:
+                  gathers: Gathers | None = None, batch_bytes=0, after_backward=0) -> StepSim:
     """Forward and backward of ``n_micro`` micro-batches one after the other (a ``LocalEngine``
-    step), from ``base`` bytes of persistent state. Returns the simulation: ``peak``,
-    ``peak_at``, ``at_peak`` (category -> bytes then) and ``kept`` (activations by component)."""
+    step), from ``base`` bytes of persistent state; ``after_backward``: a temporary of the
+    gradient sync's finish while every gradient is still alive (ZeRO-1's copy of its shard).
+    Returns the simulation: ``peak``, ``peak_at``, ``at_peak`` (category -> bytes then) and
+    ``kept`` (activations by component)."""
     s = StepSim(d, base, sink, d.a, recompute, gathers)
     s.alloc(batch_bytes, "batch")
     unit = (lambda i: n_layer - 1 - i if 0 <= i < n_layer else None)  # block i -> ZeRO-3 unit
@@ -242,7 +244,7 @@ def simulate_step(d: Dims, n_layer: int, base: int, sink: GradSink, recompute="n
                 s.free(2 * d.a * d.N * d.C)                     # the replay's output and the first pass's
         embed_bwd(s)
         s.free(d.a * d.N * d.V)                                 # the logits, at last
-    sink.finish(s)
+    sink.finish(s, after_backward)
     s.kept = kept
     return s
 
