@@ -27,8 +27,10 @@ slice comes from (>= 2-D). Its ``state_dict`` gathers the shards to rank 0 in ex
 format (full ``m`` and ``v`` per parameter name) and ``load_state_dict`` takes this rank's slice of
 one, so checkpoints move freely between serial, plain dp and ZeRO runs.
 
-A simplification against production ZeRO: the gradient is reduce-scattered in one message after
-backward, not in buckets overlapped with it (``DataParallel`` shows that technique).
+Here the gradient is reduce-scattered in one message after backward; ZeRO-2 (``zero2.py``) does
+it bucket by bucket during backward and keeps only the shard. ``ShardedAdamW`` (below) is the
+optimizer of every stage: AdamW over a rank's pieces of sharded groups, checkpoints in the serial
+format; ``ZeroAdamW`` is it for ZeRO-1's single group of full master weights.
 """
 from __future__ import annotations
 

@@ -47,33 +47,34 @@ def check_zero_state_bytes(zero_state_bytes):
                 f"stage 1 shards m and v, stage 2 also the gradients, stage 3 also the weights")
 
 
-def reference_layout(model, batch_size, gpu_bytes):
-    for dp in (1, 2, 4, 8, 16):
-        for zero in (0, 1, 2, 3):
-            for recompute in RECOMPUTE:
-                cfg = Config(model=model, train=TrainConfig(batch_size=batch_size, dtype="bfloat16",
-                                                            recompute=recompute),
-                             parallel=ParallelConfig(dp=dp, zero=zero))
-                if max(r.total for r in memory_ledger(cfg, gpu=True)) <= gpu_bytes:
-                    return dp, zero, recompute
-    return None
+def _peak(model, batch_size, dp, zero, recompute):
+    cfg = Config(model=model, train=TrainConfig(batch_size=batch_size, dtype="bfloat16", recompute=recompute),
+                 parallel=ParallelConfig(dp=dp, zero=zero))
+    return max(r.total for r in memory_ledger(cfg, gpu=True))
 
 
 def _no_recompute(model, batch_size, gpu_bytes):  # only ever tries recompute="none"
     for dp in (1, 2, 4, 8, 16):
         for zero in (0, 1, 2, 3):
-            cfg = Config(model=model, train=TrainConfig(batch_size=batch_size, dtype="bfloat16"),
-                         parallel=ParallelConfig(dp=dp, zero=zero))
-            if max(r.total for r in memory_ledger(cfg, gpu=True)) <= gpu_bytes:
+            if _peak(model, batch_size, dp, zero, "none") <= gpu_bytes:
                 return dp, zero, "none"
     return None
 
 
 @exercise("12.smallest_layout", broken=_no_recompute)
 def check_smallest_layout(smallest_layout):
+    """What "smallest" means, checked with the ledger: the answer fits, and nothing before it in
+    the order (fewer GPUs; then a lower stage; then cheaper recomputation) does."""
+    order = [(dp, z, r) for dp in (1, 2, 4, 8, 16) for z in (0, 1, 2, 3) for r in RECOMPUTE]
     for gib in (16, 4, 2):
-        want = reference_layout(GPT2_SMALL, 16, gib * 2**30)
-        got = smallest_layout(GPT2_SMALL, 16, gib * 2**30)
-        assert got is not None and tuple(got) == want, (
-            f"a {gib} GiB GPU: you say {got}, the smallest layout that fits is {want} (fewest GPUs, "
-            f"then the lowest ZeRO stage, then the cheapest recomputation)")
+        limit = gib * 2**30
+        got = smallest_layout(GPT2_SMALL, 16, limit)
+        assert got is not None and tuple(got) in order, f"a {gib} GiB GPU: {got} is not a (dp, zero, recompute)"
+        got = tuple(got)
+        peak = _peak(GPT2_SMALL, 16, *got)
+        assert peak <= limit, f"a {gib} GiB GPU: {got} needs {peak / 2**30:.2f} GiB per GPU, it does not fit"
+        for smaller in order[:order.index(got)]:
+            peak = _peak(GPT2_SMALL, 16, *smaller)
+            assert peak > limit, (f"a {gib} GiB GPU: {smaller} fits too ({peak / 2**30:.2f} GiB) and comes "
+                                  f"before {got}: fewest GPUs first, then the lowest ZeRO stage, then the "
+                                  f"cheapest recomputation")
