@@ -19,17 +19,18 @@ will need); the columns hold what is alive at the peak.
 Every strategy of minillm is covered: dp, pp (per stage, with the schedule's micro-batches in
 flight), zero 0-3, recompute none/selective/full, float32/float16/bfloat16, gradient
 accumulation. Tensor parallelism does not exist in minillm yet; where it would go is marked:
-``Dims.tp`` divides the heads and the hidden width, and a tensor-parallel split of the weights
-would divide ``_param_counts`` the same way (``tp`` in ``memory_ledger``).
+``Dims.tp`` (the ``tp`` argument of ``memory_ledger``) divides the heads and the hidden width of
+the activations, and a tensor-parallel split of the weights would divide the per-rank parameter
+counts of ``_rank_ledger`` the same way.
 
-``measure.py``'s ``--measure`` runs real steps and prints the measured peak next to the
-prediction (tests keep the two within 5 %).
+``memory_measure.py`` runs real steps and measures the peak (``minillm memory --measure`` prints
+it next to the prediction; tests keep the two within 5 %).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy
@@ -38,7 +39,7 @@ from minillm.distributed.data_parallel import bucket_groups
 from minillm.distributed.shard import ShardGroup
 from minillm.distributed.topology import stage_bounds, stage_of
 from minillm.errors import UserError
-from minillm.perf.memory_sim import F32, Dims, Gathers, GradSink, simulate_stage, simulate_step
+from minillm.perf.memory_sim import F32, I64, Dims, Gathers, GradSink, simulate_stage, simulate_step
 
 CATEGORIES = ("parameters", "gradients", "masters", "moments", "activations", "buffers", "other")
 NODE_BYTES = 768      # Python objects of one graph node (Tensor, Context, their dicts), roughly
@@ -56,7 +57,6 @@ class RankMemory:
     activations: dict                 # component -> bytes kept for backward at the end of forward
     peak_at: str                      # the moment of the peak ("backward gelu", ...)
     state: int = 0                    # parameters + gradients + masters + moments between steps
-    notes: list = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -159,16 +159,16 @@ def _rank_ledger(cfg, d, named, groups, blocks, stage, dp_rank, n_micro, zero) -
     parts = dict.fromkeys(CATEGORIES, 0)
     gathers, send = None, False
 
-    if zero <= 1:
-        owned = psi
+    if zero <= 1:  # every weight, master and gradient whole; ZeRO-1 shards the moments
+        owned = moment_n = psi
         parts["parameters"] = a * psi
         if dp > 1:  # DataParallel's buckets (float32 sums), or ZeRO-1's flat gradient buffer
             parts["buffers" if zero == 0 else "gradients"] += F32 * psi
         if zero == 1:
-            owned, largest = groups[0].count, max(b - a_ for _, a_, b, _ in groups[0].slices)
+            moment_n, largest = groups[0].count, max(b - a_ for _, a_, b, _ in groups[0].slices)
         groups = []
     else:
-        owned = sum(g.count for g in groups)
+        owned = moment_n = sum(g.count for g in groups)
         largest = max((b - a_ for g in groups for _, a_, b, _ in g.slices), default=0)
         parts["parameters"] = a * (psi if zero == 2 else owned) + (a * owned if zero == 2 and half else 0)
         parts["gradients"] += F32 * owned if half else a * owned       # the gradient shards
@@ -179,10 +179,10 @@ def _rank_ledger(cfg, d, named, groups, blocks, stage, dp_rank, n_micro, zero) -
         parts["masters"] = F32 * owned
         parts["gradients"] += F32 * owned
     if t.optimizer == "adamw":
-        parts["moments"] = 2 * F32 * owned
+        parts["moments"] = 2 * F32 * moment_n
         parts["other"] += F32 * largest                               # AdamW's scratch
     elif t.momentum:
-        parts["moments"] = F32 * owned
+        parts["moments"] = F32 * moment_n
         parts["other"] += 2 * F32 * largest
     parts["other"] += F32 * mc.block_size ** 2                        # the cached causal mask
     parts["other"] += BASE_OBJECTS + OBJECT_BYTES * len(named)         # Python objects
@@ -192,10 +192,10 @@ def _rank_ledger(cfg, d, named, groups, blocks, stage, dp_rank, n_micro, zero) -
 
     sink_groups = [[(n, a * _numel(shapes[n])) for n in g.names] for g in groups] if send else []
     sink = GradSink(sink_groups, send, [g.count for g in groups])
-    batch = I64_BATCH * d.b * (mc.block_size + 1) * n_micro
+    batch = I64 * d.b * (mc.block_size + 1) * n_micro               # the token ids of the step
     base = sum(parts.values())
     if par.pp == 1:
-        finish = F32 * owned if zero == 1 else 0                   # ZeroSync copies out its shard
+        finish = F32 * moment_n if zero == 1 else 0                # ZeroSync copies out its shard
         sim = simulate_step(d, mc.n_layer, base, sink, t.recompute, n_micro, gathers, batch, finish)
         nodes = _nodes_per_micro(mc, t.recompute)
     else:
@@ -208,8 +208,6 @@ def _rank_ledger(cfg, d, named, groups, blocks, stage, dp_rank, n_micro, zero) -
     parts["other"] += at.get("batch", 0) + at.get("workspace", 0)
     return RankMemory(0, stage, dp_rank, parts, dict(sim.kept), sim.peak_at, state)
 
-
-I64_BATCH = 8  # token ids are int64 on the way in
 
 
 def _zero3_units(named, n_layer):
