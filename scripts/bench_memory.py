@@ -47,8 +47,9 @@ def main():
     ap.add_argument("extra", nargs="*", help="more --section.key=value overrides")
     args = ap.parse_args()
     results = []
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| ranks | zero | recompute | predicted peak (rank 0) | measured | error (worst rank) | "
-          "state per rank | held between steps | activations kept | step time |")
+          "weights+grads+moments per rank | held between steps | activations kept | step time |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for ranks in args.ranks:
         for zero in args.zero:
@@ -61,12 +62,20 @@ def main():
                 r0 = rows[0]
                 print(f"| {ranks} | {zero} | {recompute} | {fmt_bytes(r0['total'])} | "
                       f"{fmt_bytes(r0['measured']['peak'])} | {100 * errs[0]:+.1f}% ({100 * worst:+.1f}%) | "
-                      f"{fmt_bytes(r0['state'])} | {fmt_bytes(r0['measured']['held'])} | "
+                      f"{fmt_bytes(state_of(r))} | {fmt_bytes(r0['measured']['held'])} | "
                       f"{fmt_bytes(sum(r0['activations'].values()))} | "
                       f"{1000 * max(x['measured']['step_s'] for x in rows):.0f} ms |", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     summary(results)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def state_of(result):
+    """Weights + gradients + moments (+ masters) rank 0 keeps: the ledger's state, plus, for plain
+    data parallelism, the gradients it keeps in its all-reduce buckets (filed under buffers)."""
+    r0 = result["per_rank"][0]
+    return r0["state"] + (r0["parts"]["buffers"] if result["zero"] == 0 else 0)
 
 
 def summary(results):
@@ -76,7 +85,7 @@ def summary(results):
         z0, z3 = by.get((ranks, 0, "none")), by.get((ranks, 3, "none"))
         if z0 and z3:  # float32 AdamW: weights, gradients, m, v = 4 x the weights' bytes
             total = 4 * z0["per_rank"][0]["parts"]["parameters"]
-            worst = max(x["state"] for x in z3["per_rank"])
+            worst = max(x["state"] for x in z3["per_rank"])  # ZeRO-3 has no buckets: state is all
             held = max(x["measured"]["held"] for x in z3["per_rank"])
             print(f"{ranks} ranks: ZeRO-3 state per rank {fmt_bytes(worst)} = {worst / (total / ranks):.3f} x "
                   f"(total {fmt_bytes(total)} / dp); measured held between steps {fmt_bytes(held)} "
