@@ -163,14 +163,12 @@ def _bench(args, overrides):
 
 
 def _memory(args, overrides, state):
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     from minillm.perf.memory_cmd import memory_command
-    comm = None
-    if args.measure:
-        from minillm.distributed.comm import get_world_comm
-        from minillm.distributed.launch import install_abort_handler
-        comm = state["comm"] = get_world_comm()
-        if comm.size > 1:
-            install_abort_handler(comm)
+    comm = state["comm"] = get_world_comm()  # under mpirun rank 0 prints; --measure measures every rank
+    if comm.size > 1:
+        install_abort_handler(comm)
     if args.steps < 1:
         raise UserError(f"--steps={args.steps} must be >= 1")
     return memory_command(args.config, overrides, measure=args.measure, limit=args.memory_limit,
