@@ -186,6 +186,12 @@ class Comm:
     def _nonblocking(self, st: Staged, call) -> Request:
         return Request(finish=st.finish, keep=st.buf, start=lambda: call(st.buf), ready=st.ready)
 
+    @staticmethod
+    def _movable(a):
+        """``a`` as MPI can move it: bfloat16 (unknown to MPI and DLPack) as its 16-bit pattern.
+        Only for collectives that copy data; reductions need a type MPI can add."""
+        return a.view(numpy.uint16) if a.dtype.kind == "V" and a.dtype.itemsize == 2 else a
+
     def _op(self, op):
         MPI = self._MPI
         return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[_check_op(op)]
@@ -240,6 +246,37 @@ class Comm:
         self._blocking(self._stage(a), lambda buf: self._comm.Allgatherv(
             self._MPI.IN_PLACE, [buf, (list(counts), displs)]))
         return a
+
+    def ireduce_scatter(self, send, recv, counts, op: str = "sum") -> Request:
+        """Start a reduce-scatter: ``recv`` (``counts[rank]`` elements) receives the reduction over
+        the ranks of part ``rank`` of the 1-D ``send`` (cut as in ``reduce_scatter_``) once
+        ``.wait()`` returns. ``send`` must stay unchanged until then."""
+        _part(send, counts, self.rank, self.size)
+        if recv.size != counts[self.rank]:
+            raise ValueError(f"recv has {recv.size} elements, rank {self.rank}'s part {counts[self.rank]}")
+        sbuf, _ = self._buffer(send, write_back=False)
+        rbuf, finish = self._buffer(recv, write_back=True)
+        req = self._comm.Ireduce_scatter(sbuf, rbuf, recvcounts=list(counts), op=self._op(op))
+        return Request(req, finish, keep=(sbuf, rbuf))
+
+    def iallgather_(self, a, counts, part=None) -> Request:
+        """Start an all-gather into the 1-D array ``a`` (cut into ``counts`` as in
+        ``allgather_``): once ``.wait()`` returns, ``a`` holds every rank's part. This rank
+        contributes ``part`` (``counts[rank]`` elements), or by default its own slot of ``a``."""
+        lo, hi = _part(a, counts, self.rank, self.size)
+        displs = numpy.cumsum([0, *counts[:-1]]).tolist()
+        a = self._movable(a)
+        part = None if part is None else self._movable(part)
+        buf, finish = self._buffer(a, write_back=True)
+        if part is None:
+            send, keep = self._MPI.IN_PLACE, buf
+        else:
+            if part.size != hi - lo:
+                raise ValueError(f"part has {part.size} elements, rank {self.rank}'s slot {hi - lo}")
+            send, _ = self._buffer(part, write_back=False)
+            keep = (send, buf)
+        req = self._comm.Iallgatherv(send, [buf, (list(counts), displs)])
+        return Request(req, finish, keep=keep)
 
     def allreduce_scalar(self, x, op: str = "sum") -> float:
         buf = numpy.array([float(x)], dtype=numpy.float64)
@@ -345,6 +382,18 @@ class SerialComm:
     def allgather_(self, a, counts):
         _part(a, counts, 0, 1)
         return a
+
+    def ireduce_scatter(self, send, recv, counts, op: str = "sum") -> Request:
+        _check_op(op)
+        lo, hi = _part(send, counts, 0, 1)
+        recv[...] = send[lo:hi]
+        return Request()
+
+    def iallgather_(self, a, counts, part=None) -> Request:
+        lo, hi = _part(a, counts, 0, 1)
+        if part is not None:
+            a[lo:hi] = part
+        return Request()
 
     def allreduce_scalar(self, x, op: str = "sum") -> float:
         _check_op(op)
