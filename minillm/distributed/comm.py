@@ -109,6 +109,8 @@ class Request:
         self._start, self._ready = start, ready
         self._keep = keep  # buffers MPI is still reading or writing must stay alive until done
         self.done = mpi_request is None and finish is None and start is None
+        if start is not None:
+            self._begin(block=False)  # at once, unless it must wait for a device copy first
 
     @property
     def started(self) -> bool:
