@@ -94,6 +94,33 @@ def _cuda_aware(MPI) -> bool:
     return False
 
 
+def _both(first, second):
+    """One ``finish`` for a request that staged two buffers (either may have none)."""
+    if first is None or second is None:
+        return first or second
+    return lambda: (first(), second())
+
+
+class _Ready:
+    """Done when every staged buffer's copy is done (the event ``Request`` waits for)."""
+
+    def __init__(self, events):
+        self.events = events
+
+    @property
+    def done(self) -> bool:
+        return all(e.done for e in self.events)
+
+    def synchronize(self) -> None:
+        for e in self.events:
+            e.synchronize()
+
+
+def _ready(*staged):
+    events = [st.ready for st in staged if st.ready is not None]
+    return None if not events else events[0] if len(events) == 1 else _Ready(events)
+
+
 class Request:
     """A pending non-blocking operation. ``wait()`` blocks until it is complete (calling it again
     does nothing); ``finish`` then copies a staged host buffer back to the device, if any.
@@ -256,10 +283,12 @@ class Comm:
         _part(send, counts, self.rank, self.size)
         if recv.size != counts[self.rank]:
             raise ValueError(f"recv has {recv.size} elements, rank {self.rank}'s part {counts[self.rank]}")
-        sbuf, _ = self._buffer(send, write_back=False)
-        rbuf, finish = self._buffer(recv, write_back=True)
-        req = self._comm.Ireduce_scatter(sbuf, rbuf, recvcounts=list(counts), op=self._op(op))
-        return Request(req, finish, keep=(sbuf, rbuf))
+        s = self._stage(send, write_back=False)
+        r = self._stage(recv, read=False)
+        mpi_op = self._op(op)
+        return Request(finish=_both(s.finish, r.finish), keep=(s.buf, r.buf), ready=_ready(s, r),
+                       start=lambda: self._comm.Ireduce_scatter(s.buf, r.buf, recvcounts=list(counts),
+                                                                op=mpi_op))
 
     def iallgather_(self, a, counts, part=None) -> Request:
         """Start an all-gather into the 1-D array ``a`` (cut into ``counts`` as in
@@ -269,16 +298,17 @@ class Comm:
         displs = numpy.cumsum([0, *counts[:-1]]).tolist()
         a = self._movable(a)
         part = None if part is None else self._movable(part)
-        buf, finish = self._buffer(a, write_back=True)
+        whole = self._stage(a, read=part is None)
         if part is None:
-            send, keep = self._MPI.IN_PLACE, buf
-        else:
-            if part.size != hi - lo:
-                raise ValueError(f"part has {part.size} elements, rank {self.rank}'s slot {hi - lo}")
-            send, _ = self._buffer(part, write_back=False)
-            keep = (send, buf)
-        req = self._comm.Iallgatherv(send, [buf, (list(counts), displs)])
-        return Request(req, finish, keep=keep)
+            return Request(finish=whole.finish, keep=whole.buf, ready=whole.ready,
+                           start=lambda: self._comm.Iallgatherv(self._MPI.IN_PLACE,
+                                                                [whole.buf, (list(counts), displs)]))
+        if part.size != hi - lo:
+            raise ValueError(f"part has {part.size} elements, rank {self.rank}'s slot {hi - lo}")
+        mine = self._stage(part, write_back=False)
+        return Request(finish=_both(mine.finish, whole.finish), keep=(mine.buf, whole.buf),
+                       ready=_ready(mine, whole),
+                       start=lambda: self._comm.Iallgatherv(mine.buf, [whole.buf, (list(counts), displs)]))
 
     def allreduce_scalar(self, x, op: str = "sum") -> float:
         buf = numpy.array([float(x)], dtype=numpy.float64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from minillm import backend
 from minillm.config import check_layout, data_dir, load_config
 from minillm.config_section import parse_size
 from minillm.data import read_meta
@@ -41,7 +42,7 @@ def memory_command(config, overrides, measure=False, limit=None, steps=2, as_jso
     if measure:
         check_layout(cfg, comm.size)
     cfg = with_vocab(cfg, comm, prepare=measure)
-    ranks = memory_ledger(cfg, gpu=cfg.train.device == "gpu")
+    ranks = memory_ledger(cfg, gpu=backend.resolve_device(config=cfg.train.device)[0] == "gpu")
     limit = limit or cfg.train.memory_limit
     if limit:
         check_memory_limit(ranks, parse_size("--memory-limit", limit))

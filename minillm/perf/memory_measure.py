@@ -84,7 +84,7 @@ def measure_training(cfg, comm, steps: int = 2, warmup: int = 1, timed: int = 2)
         t = dataclasses.replace(cfg.train, out_dir=out, sample_tokens=0, progress=False,
                                 memory_limit="")
         cfg = dataclasses.replace(cfg, train=t)
-        backend.set_device(t.device)
+        backend.set_device(backend.resolve_device(config=t.device)[0])  # as the Trainer will
         compute_dtype(t.dtype)  # imports ml_dtypes now: its import is not training memory
         rss_before = _rss()
         meter = _PoolPeak() if backend.is_gpu() else _TracedPeak()

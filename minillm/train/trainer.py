@@ -105,7 +105,7 @@ class Trainer:
         self.cfg = cfg = resolve_vocab(cfg, meta)
         t = cfg.train
         if t.memory_limit:  # refuse before anything is allocated (the same verdict on every rank)
-            check_memory_limit(memory_ledger(cfg, gpu=t.device == "gpu"),
+            check_memory_limit(memory_ledger(cfg, gpu=self.device == "gpu"),
                                parse_size("train.memory_limit", t.memory_limit), "train.memory_limit")
         self.run_dir = Path(t.out_dir)
         self.train_data = TokenDataset(self.ddir, "train")
