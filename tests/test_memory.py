@@ -8,6 +8,9 @@
   on a real `mpirun` job (ZeRO-3 through ``minillm memory --measure``);
 - what the strategies promise holds in the ledger: state per rank falls with each ZeRO stage,
   activations with each recompute mode;
+- under tensor parallelism (tp=2, with and without sequence parallelism, on a real 2-rank job) each
+  rank's parameters are exactly the ledger's (names, shapes, bytes) and the predicted peak is
+  within 5 % of the measured one;
 - a layout predicted not to fit ``--memory-limit`` / ``train.memory_limit`` is refused with one
   line and exit code 2 before anything runs.
 """
@@ -20,16 +23,18 @@ import pytest
 
 from mpi_util import output, run_mpi
 
+from minillm import backend
 from minillm.amp import make_precision
 from minillm.config import Config, TrainConfig, load_config
 from minillm.distributed.comm import SerialComm
 from minillm.errors import UserError
 from minillm.model import GPT, GPTConfig
 from minillm.model.recompute import apply_recompute
-from minillm.perf.memory import gpt_parameters, memory_ledger
+from minillm.perf.memory import gpt_parameters, memory_ledger, rank_parameters
 from minillm.perf.memory_measure import graph_bytes, measure_training
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
 TINY = REPO / "configs" / "tiny.toml"
 SMALL = ["--model.n_embd=64", "--model.block_size=64", "--train.batch_size=8"]  # peaks ~10 MB
 
@@ -53,11 +58,11 @@ def test_activations_equal_what_the_graph_keeps(model_kw, train_kw):
     model = GPT(mc, seed=0)
     apply_recompute(model, cfg.train.recompute)
     make_precision(cfg.train, list(model.named_parameters()))  # 16-bit weights, as in training
-    x = np.random.default_rng(0).integers(0, 50, (4, 32))
+    x = backend.asarray(np.random.default_rng(0).integers(0, 50, (4, 32)))  # on the active device
     with model.dropout_rng.keyed(0, 0):
-        _, loss = model(x, np.roll(x, 1))
+        _, loss = model(x, backend.xp.roll(x, 1))
     got = graph_bytes(loss, [p.data for _, p in model.named_parameters()] + [x])
-    want = sum(memory_ledger(cfg)[0].activations.values())
+    want = sum(memory_ledger(cfg, gpu=backend.is_gpu())[0].activations.values())
     # what the ledger leaves out: position ids (T int64) and the rotary tables (2 x T x hs)
     assert 0 <= got - want <= 8 * 32 + 2 * 4 * 32 * 16, (got, want)
 
@@ -95,6 +100,53 @@ def test_prediction_within_5_percent_under_zero3_on_two_ranks(char_data, tmp_pat
         assert r["parts"]["buffers"] > 0  # ZeRO-3's gathered blocks are in the ledger
 
 
+TP_RUNS = {"tp2": ["--parallel.tp=2"], "tp2-sp": ["--parallel.tp=2", "--parallel.sp=true"],
+           "tp2-sp-dropout-full": ["--parallel.tp=2", "--parallel.sp=true", "--model.dropout=0.1",
+                                   "--train.recompute=full"],
+           "tp2-sp-bfloat16-selective-llama": ["--parallel.tp=2", "--parallel.sp=true", "--train.dtype=bfloat16",
+                                               "--train.recompute=selective", "--model.mlp=swiglu", "--model.pos=rope",
+                                               "--model.norm=rmsnorm", "--model.bias=false"]}
+
+
+def tp_worker(data_dir):
+    """On every rank of a tp=2 job: parameters held and activations kept against the ledger, then
+    the measured peak."""
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
+    from minillm.train.build import build_engine
+    comm = get_world_comm()
+    install_abort_handler(comm)
+    for name, extra in TP_RUNS.items():
+        cfg = with_data_vocab(load_config(TINY, [f"--data.dir={data_dir}", *SMALL, "--model.n_head=4",
+                                                 "--model.vocab_size=0", *extra]), data_dir)
+        mine = memory_ledger(cfg)[comm.rank]
+        assert (mine.rank, mine.tp_rank) == (comm.rank, comm.rank)
+        model = GPT(cfg.model, seed=0)
+        engine = build_engine(cfg, model, comm)
+        held = [(n, tuple(p.shape)) for n, p in engine.named_parameters()]
+        assert held == rank_parameters(cfg.model, 2), (held, rank_parameters(cfg.model, 2))
+        make_precision(cfg.train, list(model.named_parameters()))  # 16-bit weights, as in training
+        params = [p.data for _, p in model.named_parameters()]
+        assert sum(a.nbytes for a in params) == mine.parts["parameters"]
+        x = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (8, cfg.model.block_size))
+        with model.dropout_rng.keyed(0, 0):
+            _, loss = model(x, np.roll(x, 1))
+        got = graph_bytes(loss, [*params, x]) - sum(mine.activations.values())
+        assert 0 <= got <= 8 * 64 + 2 * 4 * 64 * 16, (name, got)  # position ids, rotary tables
+        measured = measure_training(cfg, comm, steps=2, timed=0)["peak"]
+        error = (mine.total - measured) / measured
+        print(f"rank {comm.rank} {name}: predicted {mine.total} measured {measured} error {error:+.4f}",
+              flush=True)
+        assert abs(error) <= 0.05, (name, comm.rank, mine.total, measured)
+
+
+@pytest.mark.mpi
+def test_tensor_parallel_ledger_holds_the_parameters_and_the_peak(char_data):
+    res = run_mpi(2, [str(HERE), str(char_data)], timeout=180)
+    assert res.returncode == 0, output(res)
+    assert res.stdout.count("error") == 2 * len(TP_RUNS), output(res)
+
+
 def test_strategies_do_what_they_promise_in_the_ledger():
     mc = GPTConfig(vocab_size=100, block_size=128, n_layer=4, n_head=4, n_embd=128)
     state, acts = {}, {}
@@ -109,6 +161,13 @@ def test_strategies_do_what_they_promise_in_the_ledger():
         cfg = Config(model=mc, train=TrainConfig(batch_size=8, recompute=mode))
         acts[mode] = sum(memory_ledger(cfg)[0].activations.values())
     assert acts["none"] > acts["selective"] > acts["full"]
+    tp = {}
+    for extra in ([], ["--parallel.tp=2"], ["--parallel.tp=2", "--parallel.sp=true"]):
+        cfg = load_config(None, [*extra, "--train.batch_size=8"])
+        tp[tuple(extra)] = memory_ledger(Config(model=mc, train=cfg.train, parallel=cfg.parallel))
+    one, split, seq = tp.values()
+    assert len(split) == len(seq) == 2 and one[0].state > split[0].state == seq[0].state
+    assert sum(one[0].activations.values()) > sum(split[0].activations.values()) > sum(seq[0].activations.values())
 
 
 def test_memory_limit_refuses_a_layout_that_does_not_fit():
@@ -138,3 +197,9 @@ def test_train_refuses_a_run_over_its_memory_limit(minillm_cli, char_data, tmp_p
     assert r.returncode == 2 and "train.memory_limit" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
 
+
+
+if __name__ == "__main__":
+    import sys
+    sys.path.insert(0, str(HERE.parent))
+    tp_worker(sys.argv[1])

@@ -60,8 +60,8 @@ def reduce_scatter(comm, a, axis: int = 1):
     split = a.reshape(a.shape[:axis] + (p, n) + a.shape[axis + 1:])     # (B, tp, T/tp, ...)
     parts = xp.moveaxis(split, axis, 0)                                 # (tp, B, T/tp, ...)
     flat = xp.array(parts, dtype=acc_dtype(a.dtype), order="C", copy=True).reshape(-1)
-    mine = comm.reduce_scatter_(flat, [flat.size // p] * p)
-    return mine.reshape(parts.shape[1:]).astype(a.dtype, copy=False)   # (B, T/tp, ...)
+    mine = comm.reduce_scatter_(flat, [flat.size // p] * p)            # a view into all of flat:
+    return mine.reshape(parts.shape[1:]).astype(a.dtype, copy=True)    # (B, T/tp, ...) copied, flat freed
 
 
 def local_part(comm, a, axis: int = 1):

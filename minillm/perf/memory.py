@@ -16,12 +16,13 @@ array (``memory_sim.py``) and reports what is alive then; ``total`` is that peak
 ``activations`` are quoted by component, they are the end-of-forward figures (everything backward
 will need); the columns hold what is alive at the peak.
 
-Every strategy of minillm is covered: dp, pp (per stage, with the schedule's micro-batches in
-flight), zero 0-3, recompute none/selective/full, float32/float16/bfloat16, gradient
-accumulation. Tensor parallelism does not exist in minillm yet; where it would go is marked:
-``Dims.tp`` (the ``tp`` argument of ``memory_ledger``) divides the heads and the hidden width of
-the activations, and a tensor-parallel split of the weights would divide the per-rank parameter
-counts of ``_rank_ledger`` the same way.
+Every strategy of minillm is covered: the whole dp x tp x pp grid (pp per stage, with the
+schedule's micro-batches in flight), sequence parallelism, zero 0-3, recompute
+none/selective/full, float32/float16/bfloat16, gradient accumulation. Under tensor parallelism
+(``parallel.tp``) each rank holds its shards (``rank_parameters``: the padded vocabulary's rows,
+c_attn / c_fc / c_gate by output, the c_proj weights by input) and whole copies of the rest (norms,
+position embeddings, the row-parallel biases); the activations of the split regions are divided by
+tp and those of the replicated ones (norms, dropout, residual stream) too with ``parallel.sp``.
 
 ``memory_measure.py`` runs real steps and measures the peak (``minillm memory --measure`` prints
 it next to the prediction; tests keep the two within 5 %).
@@ -39,6 +40,8 @@ from minillm.distributed.data_parallel import bucket_groups
 from minillm.distributed.shard import ShardGroup
 from minillm.distributed.topology import stage_bounds, stage_of
 from minillm.errors import UserError
+from minillm.perf.tp_cost import partial_grad_numel
+from minillm.distributed.tp_layers import padded_length
 from minillm.perf.memory_sim import F32, I64, Dims, Gathers, GradSink, simulate_stage, simulate_step
 
 CATEGORIES = ("parameters", "gradients", "masters", "moments", "activations", "buffers", "other")
@@ -57,6 +60,7 @@ class RankMemory:
     activations: dict                 # component -> bytes kept for backward at the end of forward
     peak_at: str                      # the moment of the peak ("backward gelu", ...)
     state: int = 0                    # parameters + gradients + masters + moments between steps
+    tp_rank: int = 0
 
     @property
     def total(self) -> int:
@@ -96,6 +100,29 @@ def gpt_parameters(mc) -> list[tuple[str, tuple]]:
     return out
 
 
+# tensor-parallel cuts (``distributed/tp_model.parallelize``): name suffix -> the axis divided by tp
+_COLUMN = ("attn.c_attn.weight", "attn.c_attn.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+           "mlp.c_gate.weight", "mlp.c_gate.bias")
+_ROW = ("attn.c_proj.weight", "mlp.c_proj.weight")
+
+
+def rank_parameters(mc, tp: int = 1) -> list[tuple[str, tuple]]:
+    """(name, shape) of the parameters one tensor-parallel rank holds (every tp rank holds the same
+    shapes): ``gpt_parameters`` with the vocabulary padded to a multiple of tp and cut in rows,
+    column-parallel layers cut by output, row-parallel weights by input; norms, position
+    embeddings and row-parallel biases whole (tested against the parameters of real ranks)."""
+    out = []
+    for name, shape in gpt_parameters(mc):
+        if tp > 1 and name in ("transformer.wte.weight", "lm_head.weight"):
+            shape = (padded_length(shape[0], tp) // tp, shape[1])
+        elif tp > 1 and name.endswith(_COLUMN):
+            shape = (shape[0] // tp, *shape[1:])
+        elif tp > 1 and name.endswith(_ROW):
+            shape = (shape[0], shape[1] // tp)
+        out.append((name, shape))
+    return out
+
+
 def _numel(shape) -> int:
     return math.prod(shape)
 
@@ -110,14 +137,15 @@ def _half(dtype: str) -> bool:
     return dtype in ("float16", "bfloat16")
 
 
-def memory_ledger(cfg, gpu: bool = False, tp: int = 1) -> list[RankMemory]:
-    """The predicted ledger of every rank of ``cfg``'s layout (``dp x pp`` ranks).
-    ``gpu``: the CuPy backend (no float32 copies of 16-bit matmul operands)."""
+def memory_ledger(cfg, gpu: bool = False) -> list[RankMemory]:
+    """The predicted ledger of every rank of ``cfg``'s layout (``dp x tp x pp`` ranks, in world
+    rank order). ``gpu``: the CuPy backend (no float32 copies of 16-bit matmul operands)."""
     mc, t, par = cfg.model, cfg.train, cfg.parallel
+    tp, sp = par.tp, par.sp and par.tp > 1
     if mc.vocab_size < 1:
         raise UserError("the memory ledger needs model.vocab_size (0 means 'from the dataset'): pass "
                         "--model.vocab_size=N, or prepare the dataset first")
-    named = gpt_parameters(mc)
+    named = rank_parameters(mc, tp)
     bounds = stage_bounds(mc.n_layer, par.pp, par.partition_blocks)
     n_micro = t.grad_accum * par.microbatches
     b = t.batch_size // (par.dp * n_micro)
@@ -125,10 +153,11 @@ def memory_ledger(cfg, gpu: bool = False, tp: int = 1) -> list[RankMemory]:
         raise UserError(f"train.batch_size={t.batch_size} does not split into parallel.dp={par.dp} x "
                         f"train.grad_accum x parallel.microbatches = {par.dp * n_micro} micro-batches")
     a = 2 if _half(t.dtype) else 4
-    d = Dims(b=b, T=mc.block_size, C=mc.n_embd, H=mc.mlp_hidden, nh=mc.n_head, V=mc.vocab_size, a=a,
+    d = Dims(b=b, T=mc.block_size, C=mc.n_embd, H=mc.mlp_hidden, nh=mc.n_head,
+             V=padded_length(mc.vocab_size, tp) // tp, a=a,
              cpu_half=a < 4 and not gpu, fp16=t.dtype == "float16", dropout=mc.dropout > 0, rope=mc.pos == "rope",
              swiglu=mc.mlp == "swiglu", rms=mc.norm == "rmsnorm", learned=mc.pos == "learned",
-             tied=mc.tie_embeddings, tp=tp)
+             tied=mc.tie_embeddings, tp=tp, sp=sp, bias=mc.bias)
     zero = par.zero if par.dp > 1 else 0
     out, done = [], {}
     for stage in range(par.pp):
@@ -145,8 +174,9 @@ def memory_ledger(cfg, gpu: bool = False, tp: int = 1) -> list[RankMemory]:
             key = (stage, tuple(g.count for g in groups))  # ranks with equal shards: one simulation
             if key not in done:
                 done[key] = _rank_ledger(cfg, d, mine, groups, bounds[stage], stage, dp_rank, n_micro, zero)
-            rank = dp_rank * par.pp + stage
-            out.append(dataclasses.replace(done[key], rank=rank, dp_rank=dp_rank))
+            for tp_rank in range(tp):  # tp ranks hold equal shapes: equal ledgers
+                rank = (dp_rank * par.pp + stage) * tp + tp_rank
+                out.append(dataclasses.replace(done[key], rank=rank, dp_rank=dp_rank, tp_rank=tp_rank))
     return sorted(out, key=lambda r: r.rank)
 
 
@@ -196,11 +226,13 @@ def _rank_ledger(cfg, d, named, groups, blocks, stage, dp_rank, n_micro, zero) -
     base = sum(parts.values())
     if par.pp == 1:
         finish = F32 * moment_n if zero == 1 else 0                # ZeroSync copies out its shard
+        if d.sp:  # TensorParallelSync sums the norms' and biases' partial gradients in one message
+            finish += 2 * F32 * partial_grad_numel(mc)
         sim = simulate_step(d, mc.n_layer, base, sink, t.recompute, n_micro, gathers, batch, finish)
-        nodes = _nodes_per_micro(mc, t.recompute)
+        nodes = _nodes_per_micro(mc, t.recompute, d.tp)
     else:
         sim = simulate_stage(cfg, d, base, sink, blocks, stage, batch)
-        nodes = _nodes_per_micro(mc, t.recompute) * min(par.microbatches, par.pp - stage)
+        nodes = _nodes_per_micro(mc, t.recompute, d.tp) * min(par.microbatches, par.pp - stage)
     at = sim.at_peak
     parts["activations"] = at.get("activations", 0) + NODE_BYTES * nodes
     parts["gradients"] += at.get("gradients", 0)
@@ -218,9 +250,9 @@ def _zero3_units(named, n_layer):
     return [*reversed(blocks), root]
 
 
-def _nodes_per_micro(mc, recompute) -> int:
-    per_block = 20 + (4 if mc.dropout > 0 else 0) + (2 if mc.pos == "rope" else 0)
-    return mc.n_layer * (1 if recompute == "full" else per_block) + 12
+def _nodes_per_micro(mc, recompute, tp=1) -> int:
+    per_block = 20 + (4 if mc.dropout > 0 else 0) + (2 if mc.pos == "rope" else 0) + (6 if tp > 1 else 0)
+    return mc.n_layer * (1 if recompute == "full" else per_block) + 12 + (4 if tp > 1 else 0)
 
 
 def fmt_bytes(n: float) -> str:

@@ -19,6 +19,8 @@ import tempfile
 import time
 import tracemalloc
 
+import numpy
+
 from minillm import backend
 from minillm.amp.dtypes import compute_dtype
 
@@ -129,16 +131,20 @@ def graph_bytes(root, exclude=()) -> int:
             a = a.base
         return a
 
-    skip = {id(owner(a)) for a in exclude}
+    def key(o):  # the buffer's address: a CuPy view's base may be a new object for the same memory
+        return o.ctypes.data if isinstance(o, numpy.ndarray) else o.data.ptr
+
+    skip = {key(owner(a)) for a in exclude}
     seen, total = set(skip), 0
     for node in [*topological_order(root), root]:
         arrays = [node.data]
         if node._ctx is not None:
             arrays += [a for a in node._ctx.saved_tensors if backend.is_array(a)]
-            arrays += [p.data for p in node._ctx.parents if hasattr(p, "data") and backend.is_array(p.data)]
+            arrays += [p.data for p in node._ctx.parents  # Tensors (a raw array's .data is its buffer)
+                       if not backend.is_array(p) and backend.is_array(getattr(p, "data", None))]
         for a in arrays:
             o = owner(a)
-            if id(o) not in seen and backend.is_array(o):
-                seen.add(id(o))
+            if backend.is_array(o) and key(o) not in seen:
+                seen.add(key(o))
                 total += o.nbytes
     return total

@@ -5,6 +5,11 @@ keeps for backward (``keep``: its output and saved arrays, by component), what i
 allocates (input and parameter gradients) and frees (its output, saved arrays and the gradient it
 consumed, when the engine drops them), and the temporaries alive inside (``temp``). ``s`` is a
 ``StepSim``, ``s.d`` the ``Dims`` of the micro-batch; sizes are bytes.
+
+Under tensor parallelism (``distributed/tp_layers.py``) a column-parallel layer enters its region
+through f (a view; with sequence parallelism an all-gather along T) and a row-parallel one leaves
+it through g (an all-reduce into a new array; with sp a reduce-scatter), then adds its replicated
+bias: ``column_fwd`` / ``row_fwd`` and their backwards add those arrays around ``linear_fwd``.
 """
 from __future__ import annotations
 
@@ -25,19 +30,45 @@ def linear_fwd(s, comp, n_in, n_out):
         s.temp(F32 * (d.N * n_in + n_in * n_out + d.N * n_out), "forward " + comp)
 
 
+def column_fwd(s, comp, n_in, n_out):
+    """A column-parallel linear (n_out: this rank's features): with sp its input is gathered
+    along T first (``GatherLinear``: the rank-ordered parts, then their (B, T, C) copy), and the
+    gathered input stays alive through the product."""
+    d = s.d
+    gathered = d.a * d.N * n_in if d.sp else 0
+    s.temp(2 * gathered, "forward gather " + comp)
+    linear_fwd(s, comp, n_in, n_out)
+    s.temp(gathered, "forward " + comp)
+
+
+def row_fwd(s, comp, n_in):
+    """A row-parallel linear: partial sums (B, T, C), g (all-reduce into a float32 copy) or with
+    sp a reduce-scatter (a float32 copy of all of it, this rank's T/tp back), then the bias."""
+    d = s.d
+    linear_fwd(s, comp, n_in, d.C)
+    if d.tp == 1:
+        return
+    nc, out = d.N * d.C, d.Ns * d.C
+    s.temp(F32 * nc + (F32 * out if d.sp else 0), "forward " + comp + " g")
+    s.keep(comp, d.a * out)
+    if d.bias:
+        s.keep(comp, d.a * out)
+
+
 def norm_fwd(s):
     """fused.LayerNorm / RMSNorm: keeps xhat and rstd (float32) and its output."""
     d = s.d
-    s.keep("norms", F32 * d.N * d.C + F32 * d.N + d.a * d.N * d.C)
-    s.temp(F32 * d.N * d.C * (2 if d.cpu_half else (1 if d.rms else 0)), "forward norm")
+    N = d.Ns
+    s.keep("norms", F32 * N * d.C + F32 * N + d.a * N * d.C)
+    s.temp(F32 * N * d.C * (2 if d.cpu_half else (1 if d.rms else 0)), "forward norm")
 
 
 def dropout_fwd(s, comp="dropout"):
     """ops.Dropout: a float32 uniform draw and a boolean mask on the way; keeps the scaled mask
     and its output."""
     d = s.d
-    s.keep(comp, 2 * d.a * d.N * d.C)
-    s.temp(F32 * d.N * d.C + d.N * d.C, "forward dropout")
+    s.keep(comp, 2 * d.a * d.Ns * d.C)
+    s.temp(F32 * d.Ns * d.C + d.Ns * d.C, "forward dropout")
 
 
 def core_fwd(s, keep=True):
@@ -53,38 +84,38 @@ def mlp_fwd(s):
     d = s.d
     H, h = d.H // d.tp, d.N * d.H // d.tp
     if d.swiglu:              # c_gate, SiLU (keeps its sigmoid), c_fc, their product
-        linear_fwd(s, "mlp", d.C, H)
+        column_fwd(s, "mlp", d.C, H)
         s.keep("mlp", 2 * d.a * h)
         s.temp(2 * d.a * h, "forward silu")
-        linear_fwd(s, "mlp", d.C, H)
+        column_fwd(s, "mlp", d.C, H)
         s.keep("mlp", d.a * h)
     else:                     # c_fc, GELU (keeps its tanh and its output)
-        linear_fwd(s, "mlp", d.C, H)
+        column_fwd(s, "mlp", d.C, H)
         s.keep("mlp", 2 * d.a * h)
         s.temp(3 * F32 * h if d.cpu_half else 0, "forward gelu")
-    linear_fwd(s, "mlp", H, d.C)
+    row_fwd(s, "mlp", H)
 
 
 def block_fwd(s, keep_core=True):
     """One block's forward with a graph."""
     d = s.d
-    nc = d.a * d.N * d.C
+    nc, ns = d.a * d.N * d.C, d.a * d.Ns * d.C
     norm_fwd(s)
-    linear_fwd(s, "attention", d.C, 3 * d.C // d.tp)           # qkv; q, k, v are views into it
+    column_fwd(s, "attention", d.C, 3 * d.C // d.tp)           # qkv; q, k, v are views into it
     if d.rope:
         s.keep("attention", 2 * nc // d.tp)                     # rotated q and k
         s.temp(2 * nc // d.tp, "forward rope")
     core_fwd(s, keep_core)
     s.keep("attention", nc // d.tp)                             # heads back to (B, T, C): a copy
-    linear_fwd(s, "attention", d.C // d.tp, d.C)
+    row_fwd(s, "attention", d.C // d.tp)
     if d.dropout:
         dropout_fwd(s)
-    s.keep("residual", nc)
+    s.keep("residual", ns)
     norm_fwd(s)
     mlp_fwd(s)
     if d.dropout:
         dropout_fwd(s)
-    s.keep("residual", nc)
+    s.keep("residual", ns)
 
 
 def block_fwd_no_grad(s):
@@ -92,7 +123,7 @@ def block_fwd_no_grad(s):
     two; only the output stays. The moment with most alive: the MLP's hidden arrays."""
     d = s.d
     h = d.N * d.H // d.tp
-    s.keep("residual", d.a * d.N * d.C)
+    s.keep("residual", d.a * d.Ns * d.C)
     s.temp(d.a * d.N * d.C + (3 * d.a * h if d.swiglu else d.a * h + 2 * F32 * h + 3 * d.up(h)),
            "forward without a graph")
 
@@ -100,8 +131,14 @@ def block_fwd_no_grad(s):
 def embed_fwd(s):
     d = s.d
     s.keep("embeddings", d.a * d.N * d.C)                       # wte[idx]
+    if d.tp > 1:  # this shard's rows (ids saved, a mask of them), then g: a float32 sum
+        s.keep("embeddings", I64 * d.N + d.N)
+        s.temp(I64 * d.N + d.a * d.N + F32 * d.N * d.C, "forward embeddings g")
+        s.keep("embeddings", d.a * d.N * d.C)
     if d.learned:
         s.keep("embeddings", d.a * d.T * d.C + d.a * d.N * d.C)  # wpe[pos] and the sum
+    if d.sp:
+        s.keep("embeddings", d.a * d.Ns * d.C)                  # this rank's positions: a copy
     if d.dropout:
         dropout_fwd(s)
 
@@ -111,8 +148,8 @@ def head_fwd(s):
     d = s.d
     nv = d.N * d.V
     norm_fwd(s)
-    linear_fwd(s, "head", d.C, d.V)
-    s.keep("loss", F32 * nv + I64 * d.N + d.N)                  # probabilities, targets, mask
+    column_fwd(s, "head", d.C, d.V)                             # V: this rank's (padded) columns
+    s.keep("loss", F32 * nv + I64 * d.N + d.N * (2 if d.tp > 1 else 1))  # probabilities, targets, masks
     s.temp(F32 * nv if d.a < 4 else 0, "forward loss")          # logits cast up first
 
 
@@ -131,11 +168,58 @@ def linear_bwd(s, name, n_in, n_out, g_passed, bias=True, emit=True):
         s.temp(d.up(d.N * n_out) + d.up_peak(d.N * n_in) + F32 * n_in * n_out, f"backward {name}")
     if emit:
         s.sink.add(s, f"{name}.weight", gw)
-        if bias:
+        if bias and d.bias:
             s.sink.add(s, f"{name}.bias", d.a * n_out)
     s.free(d.a * d.N * n_out)                                   # its output
     if not g_passed:
         s.free(d.a * d.N * n_out)                               # the gradient it consumed
+
+
+def column_bwd(s, name, n_out, g_passed, bias=True, emit=True):
+    """A column-parallel layer's backward: dx (B, T, C), then f's all-reduce (a float32 copy,
+    the new dx) or with sp GatherLinear's reduce-scatter to (B, T/tp, C), and its weight
+    gradient from the input gathered again."""
+    d = s.d
+    if d.tp == 1:
+        return linear_bwd(s, name, d.C, n_out, g_passed, bias, emit)
+    nc, ns = d.N * d.C, d.Ns * d.C
+    if d.cpu_half:
+        s.temp(d.up(d.N * n_out) + d.up_peak(d.C * n_out) + F32 * nc, f"backward {name}")
+    if d.sp:
+        s.temp(d.a * nc + F32 * nc + F32 * ns, f"backward {name} reduce-scatter")
+        s.alloc(d.a * ns)
+        s.temp(2 * d.a * nc + (d.up(d.N * n_out) + d.up_peak(nc) if d.cpu_half else 0) + F32 * d.C * n_out,
+               f"backward {name} gather")
+    else:
+        s.alloc(d.a * nc)
+        s.temp(F32 * nc, f"backward {name} f")
+    if emit:
+        s.sink.add(s, f"{name}.weight", d.a * d.C * n_out)
+        if bias and d.bias:
+            s.sink.add(s, f"{name}.bias", d.a * n_out)
+    s.free(d.a * d.N * n_out)                                   # its output
+    if not g_passed:
+        s.free(d.a * d.N * n_out)                               # the gradient it consumed
+
+
+def row_bwd(s, name, n_in, g_passed):
+    """A row-parallel layer's backward: its bias's gradient, g's (identity) or with sp the
+    all-gather of the gradient along T, then the product's."""
+    d = s.d
+    if d.tp == 1:
+        return linear_bwd(s, name, n_in, d.C, g_passed)
+    ns = d.a * d.Ns * d.C
+    if d.bias:
+        s.sink.add(s, f"{name}.bias", d.a * d.C)
+        s.free(ns)                                              # the bias sum's output
+    s.free(ns)                                                  # g's output
+    if d.sp:  # the gradient gathered: rank-ordered parts, then the (B, T, C) copy
+        s.temp(d.a * d.N * d.C, f"backward {name} gather")
+        s.alloc(d.a * d.N * d.C)
+        if not g_passed:
+            s.free(ns)
+        g_passed = False
+    linear_bwd(s, name, n_in, d.C, g_passed, bias=False)
 
 
 def norm_bwd(s, name, bias=True, residual=True):
@@ -143,37 +227,37 @@ def norm_bwd(s, name, bias=True, residual=True):
     residual stream already has (a new array; ``residual=False``: it is the first). Its output,
     xhat, rstd and the gradient it consumed go."""
     d = s.d
-    nc = d.N * d.C
+    nc = d.Ns * d.C
     s.temp(d.up(nc) + 2 * F32 * nc + (d.a * nc if d.a < 4 else 0), f"backward {name}")
     s.sink.add(s, f"{name}.weight", d.a * d.C)
-    if bias and not d.rms:
+    if bias and d.bias and not d.rms:
         s.sink.add(s, f"{name}.bias", d.a * d.C)
     if residual:
         s.temp(2 * d.a * nc, f"backward {name}")                # dx and the new sum, the old one still alive
     else:
         s.alloc(d.a * nc)                                       # dx is the residual gradient
-    s.free(F32 * nc + F32 * d.N + d.a * nc)                     # xhat, rstd, output
+    s.free(F32 * nc + F32 * d.Ns + d.a * nc)                    # xhat, rstd, output
     s.free(d.a * nc)                                            # the gradient it consumed
 
 
 def mlp_bwd(s, p):
     d = s.d
-    H, h, nc = d.H // d.tp, d.N * d.H // d.tp, d.a * d.N * d.C
-    linear_bwd(s, p + "mlp.c_proj", H, d.C, g_passed=not d.dropout)
+    H, h, nc = d.H // d.tp, d.N * d.H // d.tp, d.a * d.Ns * d.C
+    row_bwd(s, p + "mlp.c_proj", H, g_passed=not d.dropout)
     if d.swiglu:  # product: two gradients; SiLU: its formula's temporaries
         s.alloc(2 * d.a * h)
         s.free(2 * d.a * h)                                     # product output and g
         s.temp(3 * d.a * h, "backward silu")
-        linear_bwd(s, p + "mlp.c_fc", d.C, H, g_passed=False)
+        column_bwd(s, p + "mlp.c_fc", H, g_passed=False)
         s.free(2 * d.a * h)                                     # SiLU output and sigmoid
-        linear_bwd(s, p + "mlp.c_gate", d.C, H, g_passed=False)
-        s.temp(d.a * d.N * d.C, "backward mlp")                 # the two dx summed
+        column_bwd(s, p + "mlp.c_gate", H, g_passed=False)
+        s.temp(nc, "backward mlp")                              # the two dx summed
         s.free(nc)
     else:         # GELU: d = x*x..., tmp = t*t; the float32 copies of x, t and g when 16-bit
         s.alloc(d.a * h)
         s.temp(F32 * h * 2 - (d.a * h if d.a == F32 else 0) + 2 * d.up(h) + d.up_peak(h), "backward gelu")
         s.free(3 * d.a * h)                                     # GELU output, tanh, g
-        linear_bwd(s, p + "mlp.c_fc", d.C, H, g_passed=False)
+        column_bwd(s, p + "mlp.c_fc", H, g_passed=False)
 
 
 def core_bwd(s, replay=False):
@@ -193,7 +277,7 @@ def attention_bwd(s, p, replay_core=False):
     """From the attention output projection back to qkv and ln_1."""
     d = s.d
     nc = d.a * d.N * d.C
-    linear_bwd(s, p + "attn.c_proj", d.C // d.tp, d.C, g_passed=not d.dropout)
+    row_bwd(s, p + "attn.c_proj", d.C // d.tp, g_passed=not d.dropout)
     s.free(nc // d.tp)                                          # the (B, T, C) copy (its g goes on as a view)
     core_bwd(s, replay_core)
     if d.rope:  # g cos - rotate_half(g sin), for q and k
@@ -204,7 +288,7 @@ def attention_bwd(s, p, replay_core=False):
     u = nc // d.tp
     for step in (3, -1, 3, 3, -1, 3, -6, 3, -1, -6, 3, -3):  # pg_v, dv, pg_k, sum, dk, pg_q, ...
         s.alloc(step * u) if step > 0 else s.free(-step * u)
-    linear_bwd(s, p + "attn.c_attn", d.C, 3 * d.C // d.tp, g_passed=False)
+    column_bwd(s, p + "attn.c_attn", 3 * d.C // d.tp, g_passed=False)
 
 
 def block_bwd(s, k, replay_core=False, output_held=False):
@@ -212,7 +296,7 @@ def block_bwd(s, k, replay_core=False, output_held=False):
     output is the root of a recomputed block's backward, held until that backward returns."""
     d = s.d
     p = f"transformer.h.{k}."
-    nc = d.a * d.N * d.C
+    nc = d.a * d.Ns * d.C
     if not output_held:
         s.free(nc)                                              # its output (the residual sum)
     if d.dropout:
@@ -238,7 +322,7 @@ def head_bwd(s, logits_held=False):
     s.free(F32 * nv + I64 * d.N + d.N)                          # probabilities, targets, mask
     if d.tied:  # the tied embedding's gradient is complete only after the embeddings' backward
         s.sink.hold(s, d.a * d.V * d.C)
-    linear_bwd(s, "lm_head", d.C, d.V, g_passed=False, bias=False, emit=not d.tied)
+    column_bwd(s, "lm_head", d.V, g_passed=False, bias=False, emit=not d.tied)
     if logits_held:
         s.alloc(d.a * nv)                                      # (linear_bwd freed them)
     norm_bwd(s, "transformer.ln_f", residual=False)
@@ -248,13 +332,19 @@ def embed_bwd(s):
     d = s.d
     nc = d.a * d.N * d.C
     if d.dropout:
+        s.alloc(d.a * d.Ns * d.C)
+        s.free(2 * d.a * d.Ns * d.C)
+    if d.sp:  # the scatter's backward: the gradient gathered along T
+        s.temp(nc, "backward embeddings gather")
         s.alloc(nc)
-        s.free(2 * nc)
+        s.free(2 * d.a * d.Ns * d.C)                            # the scattered copy and its gradient
     if d.learned:  # the (T, C) position gradient: a sum over the batch, a one-hot product
         s.temp(d.a * d.T * d.C + F32 * d.T * d.T + F32 * d.T * d.C, "backward embeddings")
         s.sink.add(s, "transformer.wpe.weight", d.a * d.T * d.C)
         s.free(d.a * d.T * d.C + nc)                            # wpe[pos] and the sum
     vc = d.V * d.C
+    if d.tp > 1:
+        s.temp(d.a * nc, "backward embeddings")                 # g where the ids are this shard's
     onehot = F32 * d.V * d.N if d.N * d.V <= 1 << 22 else 0     # small vocabularies: one matmul
     s.temp(onehot + F32 * vc + d.up(d.N * d.C), "backward embeddings")
     if d.tied:  # the head's part plus this one: a new array, then both parts go
@@ -262,3 +352,5 @@ def embed_bwd(s):
         s.sink.release(s, d.a * vc)
     s.sink.add(s, "transformer.wte.weight", d.a * vc)
     s.free(nc + nc)                                             # wte[idx] and g
+    if d.tp > 1:
+        s.free(nc + I64 * d.N + d.N)                            # g's sum, the ids and their mask

@@ -17,8 +17,9 @@ autograd engine runs it and keeps a running count of bytes:
 
 Every size is a formula of the shape (B, T, C, H, nh, V, L) and the dtypes, written next to the
 op it models (``autograd/fused.py``, ``ops.py``); a test compares the activations with the arrays
-a real graph holds and the peak with tracemalloc. ``tp`` (tensor parallelism, not in minillm yet)
-is where a tensor-parallel split would enter: it divides the heads and the hidden width.
+a real graph holds and the peak with tracemalloc. Tensor parallelism (``Dims.tp``) divides the
+heads, the hidden width and the (padded) vocabulary and adds the f / g collectives' arrays;
+sequence parallelism (``Dims.sp``) divides the replicated regions along T (``Dims.Ns``).
 """
 from __future__ import annotations
 
@@ -46,11 +47,18 @@ class Dims:
     rms: bool = False         # RMSNorm instead of LayerNorm
     learned: bool = True      # learned position embeddings (else RoPE or none)
     tied: bool = True         # the output head is the token embedding
-    tp: int = 1               # tensor parallelism: heads and hidden width split tp ways
+    tp: int = 1               # tensor parallelism: heads, hidden width and vocabulary (V) split tp ways
+    sp: bool = False          # sequence parallelism: norms, dropout, residuals split along T tp ways
+    bias: bool = True         # the linear layers have biases (a row-parallel one is added after the sum)
 
     @property
     def N(self):
         return self.b * self.T
+
+    @property
+    def Ns(self):
+        """Tokens of the replicated regions (norms, dropout, residual stream) on this rank."""
+        return self.N // self.tp if self.sp else self.N
 
     def up(self, n):
         """Bytes of a float32 copy of a 16-bit operand of n elements (0 when none is made)."""
@@ -241,7 +249,7 @@ def simulate_step(d: Dims, n_layer: int, base: int, sink: GradSink, recompute="n
                 block_fwd(s)
             block_bwd(s, i, replay_core=recompute == "selective", output_held=recompute == "full")
             if recompute == "full":
-                s.free(2 * d.a * d.N * d.C)                     # the replay's output and the first pass's
+                s.free(2 * d.a * d.Ns * d.C)                    # the replay's output and the first pass's
         embed_bwd(s)
         s.free(d.a * d.N * d.V)                                 # the logits, at last
     sink.finish(s, after_backward)
@@ -263,7 +271,7 @@ def simulate_stage(cfg, d, base, sink, blocks, stage, batch) -> StepSim:
     par, t = cfg.parallel, cfg.train
     first, last = stage == 0, stage == par.pp - 1
     inflight = par.microbatches if par.schedule == "gpipe" else min(par.microbatches, par.pp - stage)
-    nc = d.a * d.N * d.C
+    nc = d.a * d.Ns * d.C
     s = StepSim(d, base + batch, sink, d.a, t.recompute)
     for _ in range(inflight):
         if first:
