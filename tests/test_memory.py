@@ -100,12 +100,12 @@ def test_prediction_within_5_percent_under_zero3_on_two_ranks(char_data, tmp_pat
         assert r["parts"]["buffers"] > 0  # ZeRO-3's gathered blocks are in the ledger
 
 
-TP_RUNS = {"tp2": ["--parallel.tp=2"], "tp2-sp": ["--parallel.tp=2", "--parallel.sp=true"],
-           "tp2-sp-dropout-full": ["--parallel.tp=2", "--parallel.sp=true", "--model.dropout=0.1",
-                                   "--train.recompute=full"],
-           "tp2-sp-bfloat16-selective-llama": ["--parallel.tp=2", "--parallel.sp=true", "--train.dtype=bfloat16",
-                                               "--train.recompute=selective", "--model.mlp=swiglu", "--model.pos=rope",
-                                               "--model.norm=rmsnorm", "--model.bias=false"]}
+TP, SP = "--parallel.tp=2", "--parallel.sp=true"
+TP_RUNS = {"tp2": [TP], "tp2-sp": [TP, SP],
+           "tp2-sp-dropout-full": [TP, SP, "--model.dropout=0.1", "--train.recompute=full"],
+           "tp2-sp-bfloat16-selective-llama": [TP, SP, "--train.dtype=bfloat16", "--train.recompute=selective",
+                                               "--model.mlp=swiglu", "--model.pos=rope", "--model.norm=rmsnorm",
+                                               "--model.bias=false"]}
 
 
 def tp_worker(data_dir):

@@ -55,7 +55,8 @@ def memory_command(config, overrides, measure=False, limit=None, steps=2, as_jso
     if comm.rank != 0:
         return 0
     if as_json:
-        out = [{"rank": r.rank, "stage": r.stage, "parts": r.parts, "total": r.total, "state": r.state,
+        out = [{"rank": r.rank, "stage": r.stage, "dp_rank": r.dp_rank, "tp_rank": r.tp_rank,
+                "parts": r.parts, "total": r.total, "state": r.state,
                 "activations": r.activations, "peak_at": r.peak_at,
                 **({"measured": every[r.rank]} if measured else {})} for r in ranks]
         print(json.dumps(out))
