@@ -39,10 +39,10 @@ import numpy
 from minillm.distributed.data_parallel import bucket_groups
 from minillm.distributed.shard import ShardGroup
 from minillm.distributed.topology import stage_bounds, stage_of
-from minillm.errors import UserError
-from minillm.perf.tp_cost import partial_grad_numel
 from minillm.distributed.tp_layers import padded_length
+from minillm.errors import UserError
 from minillm.perf.memory_sim import F32, I64, Dims, Gathers, GradSink, simulate_stage, simulate_step
+from minillm.perf.tp_cost import partial_grad_numel
 
 CATEGORIES = ("parameters", "gradients", "masters", "moments", "activations", "buffers", "other")
 NODE_BYTES = 768      # Python objects of one graph node (Tensor, Context, their dicts), roughly
@@ -60,7 +60,7 @@ class RankMemory:
     activations: dict                 # component -> bytes kept for backward at the end of forward
     peak_at: str                      # the moment of the peak ("backward gelu", ...)
     state: int = 0                    # parameters + gradients + masters + moments between steps
-    tp_rank: int = 0
+    tp_rank: int = 0                  # which shard of its stage's layers (ranks of a tp group: equal)
 
     @property
     def total(self) -> int:
