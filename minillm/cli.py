@@ -104,9 +104,10 @@ def _train(args, overrides, state):
     cfg = load_config(args.config, overrides)  # the same on every rank: errors are reported once
     from minillm.config import check_layout
     from minillm.distributed.comm import require_mpi
-    world = cfg.parallel.dp * cfg.parallel.pp
+    par = cfg.parallel
+    world = par.dp * par.tp * par.pp
     if world > 1:
-        require_mpi(f"parallel.dp={cfg.parallel.dp} x parallel.pp={cfg.parallel.pp}", world)
+        require_mpi(f"parallel.dp={par.dp} x parallel.tp={par.tp} x parallel.pp={par.pp}", world)
     check_layout(cfg, comm.size)
     if comm.size > 1:
         install_abort_handler(comm)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from minillm.amp import FullPrecision
 from minillm.autograd.tensor import no_grad
 from minillm.distributed.grad_sync import LocalSync
+from minillm.distributed.tp_model import NoTensorParallel
 from minillm.nn.module import load_params
 
 
@@ -55,11 +56,15 @@ class Engine:
       precision          the precision object over ``named_parameters()`` (``amp/precision.py``)
       sync               the ``GradSync`` that averages gradients over data-parallel ranks
       dp_rank, dp_size   which slice of the global batch this process takes, out of how many
+      tensor_parallel    how this process's layers are cut over its tp group
+                         (``distributed/tp_model.py``; ``NoTensorParallel`` when they are whole):
+                         checkpoints, the gradient norm and the overflow vote go through it
     """
 
     precision = None
     sync = None
     dp_rank, dp_size = 0, 1
+    tensor_parallel = NoTensorParallel()
 
     def named_parameters(self) -> list:
         """The (name, Parameter) pairs this process computes with (a pipeline stage: its own)."""
@@ -86,8 +91,9 @@ class Engine:
         raise NotImplementedError
 
     def grad_sq_reduce(self, sq: float) -> float:
-        """This process's sum of squared (master) gradients -> the global one (for clipping)."""
-        return self.sync.grad_sq_reduce(sq)
+        """This process's sum of squared (master) gradients -> the global one (for clipping).
+        A parameter replicated over the tp group counts once, a split one with all its shards."""
+        return self.sync.grad_sq_reduce(self.tensor_parallel.count_once(sq, self.precision.master_params))
 
     def zero_grad(self) -> None:
         for _, p in self.named_parameters():
@@ -111,15 +117,15 @@ class Engine:
 
     def optimizer_state(self, optimizer) -> dict:
         """The optimizer state in the serial format on world rank 0. Collective."""
-        return optimizer.state_dict()
+        return self.tensor_parallel.gather_optimizer_state(optimizer.state_dict())
 
     def load_model_state(self, state: dict, source: str = "checkpoint") -> None:
-        """Copy this process's tensors out of a full (serial-format) model state."""
-        load_params(self.precision.master_params, state, source)
+        """Copy this process's tensors (tp: its shards) out of a full (serial-format) model state."""
+        load_params(self.precision.master_params, self.tensor_parallel.local(state), source)
         self.precision.master_to_model()
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(self.tensor_parallel.local_optimizer_state(state))
 
     def write_artifacts(self, run_dir) -> None:
         """Write this rank's observability files into the run directory (a pipeline's timeline).
@@ -129,17 +135,21 @@ class Engine:
 class LocalEngine(Engine):
     """All layers on this process; micro-batches accumulate gradients, then one sync.
 
-    ``LocalEngine(model, precision=None, sync=None, dp_rank=0, dp_size=1)``: ``precision``
-    defaults to ``FullPrecision`` (float32), ``sync`` to ``LocalSync`` (a world of one); with data
-    parallelism ``sync`` is a ``DataParallel`` or ``ZeroSync`` and ``dp_rank``/``dp_size`` say
-    which slice of the global batch this process takes.
+    ``LocalEngine(model, precision=None, sync=None, dp_rank=0, dp_size=1, tensor_parallel=None)``:
+    ``precision`` defaults to ``FullPrecision`` (float32), ``sync`` to ``LocalSync`` (a world of
+    one); with data parallelism ``sync`` is a ``DataParallel`` or ``ZeroSync`` and
+    ``dp_rank``/``dp_size`` say which slice of the global batch this process takes; with tensor
+    parallelism the model's layers are already split and ``tensor_parallel`` is the plan.
     """
 
-    def __init__(self, model, precision=None, sync=None, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, model, precision=None, sync=None, dp_rank: int = 0, dp_size: int = 1,
+                 tensor_parallel=None):
         self.model = model
         self.precision = precision if precision is not None else FullPrecision(model.named_parameters())
         self.sync = sync if sync is not None else LocalSync()
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        if tensor_parallel is not None:
+            self.tensor_parallel = tensor_parallel
 
     def named_parameters(self):
         return list(self.model.named_parameters())
@@ -164,4 +174,4 @@ class LocalEngine(Engine):
         return self.sync.mean_over_replicas(value)
 
     def model_state(self):
-        return {name: p.data for name, p in self.precision.master_params}
+        return self.tensor_parallel.gather({name: p.data for name, p in self.precision.master_params})

@@ -1,4 +1,4 @@
-"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout (each a thin Module over a fused op).
+"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, CrossEntropyLoss (thin Modules over fused ops).
 
 Initial values come from an explicit numpy Generator (``rng``) so that runs are reproducible;
 they are drawn on the host in float32 and moved to the device once.
@@ -80,6 +80,13 @@ class Dropout(Module):
 
     def forward(self, x):
         return F.dropout(x, self.p, self.rng, training=self.training)
+
+
+class CrossEntropyLoss(Module):
+    """The loss as a module (no parameters): ``criterion(logits, targets)``, F.cross_entropy."""
+
+    def forward(self, logits, targets, ignore_index=-100):
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
 class SampleDropoutRNG:

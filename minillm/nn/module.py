@@ -34,12 +34,17 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                f"before assigning {name!r}")
-        self._parameters.pop(name, None)
-        self._modules.pop(name, None)
+        # a replaced parameter or module keeps its place in the order (as in PyTorch), so a
+        # wrapper that swaps layers (tensor parallelism) leaves the serial names' order alone
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             self._parameters[name] = value
         elif isinstance(value, Module):
+            self._parameters.pop(name, None)
             self._modules[name] = value
+        else:
+            self._parameters.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     def forward(self, *args, **kwargs):

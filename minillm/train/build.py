@@ -3,15 +3,20 @@
 ``build_engine(cfg, model, comm)`` reads ``[parallel]`` and ``[train]`` once and assembles, in
 this order:
 
-1. the rank grid (``distributed/topology.py``): which data-parallel replica and pipeline stage
-   this rank is;
-2. the parameters this rank computes with: all of them, or its pipeline stage's (the others are
-   dropped from the model);
-3. the gradient sync over the replicas (``make_grad_sync``): none, ``DataParallel`` or ZeRO-1's
-   ``ZeroSync``; the optimizer later comes from the sync (``engine.make_optimizer``), so the ZeRO
-   decision is made here only;
-4. the precision object over those parameters (``amp/precision.py``);
-5. the engine (``minillm/engine.py``), which receives all of the above in its constructor.
+1. the rank grid (``distributed/topology.py``): which data-parallel replica, pipeline stage and
+   tensor-parallel shard this rank is;
+2. tensor parallelism (``distributed/tp_model.parallelize``): the model's layers swapped for their
+   split versions over the tp group (nothing when tp=1), before anything looks at parameters;
+3. the parameters this rank computes with: all of them (tp: its shards), or its pipeline stage's
+   (the others are dropped from the model);
+4. the gradient sync over the replicas (``make_grad_sync``): none, ``DataParallel`` or ZeRO-1's
+   ``ZeroSync``, extended over the tp group by the plan; the optimizer later comes from the sync
+   (``engine.make_optimizer``), so the ZeRO decision is made here only;
+5. the precision object over those parameters (``amp/precision.py``);
+6. the engine (``minillm/engine.py``), which receives all of the above in its constructor.
+
+Supported layouts: any dp x tp x pp; ZeRO-1 with dp x tp (not with pp); sequence parallelism
+with any of them (it needs tp >= 2).
 """
 from minillm.amp import make_precision
 from minillm.distributed.data_parallel import DataParallel
@@ -19,6 +24,7 @@ from minillm.distributed.grad_sync import GradSync, LocalSync
 from minillm.distributed.pipeline import PipelineEngine
 from minillm.distributed.topology import (drop_other_stages, make_topology, stage_bounds,
                                           stage_parameters)
+from minillm.distributed.tp_model import parallelize
 from minillm.distributed.zero import ZeroSync
 from minillm.engine import Engine, LocalEngine
 
@@ -38,17 +44,18 @@ def build_engine(cfg, model, comm, keep_step=None) -> Engine:
     """The engine for this config on this rank of ``comm`` (collective: every rank calls it).
     ``keep_step``: which step's timeline a pipeline engine keeps (default: the latest)."""
     par = cfg.parallel
-    topo = make_topology(comm, par.dp, par.pp)
+    topo = make_topology(comm, par.dp, par.pp, par.tp)
+    tp = parallelize(model, topo.tp_comm, sp=par.sp)
     if par.pp > 1:
         bounds = stage_bounds(model.config.n_layer, par.pp, par.partition_blocks, par.virtual_stages)
         named = stage_parameters(model, bounds, topo.stage, par.pp)
         drop_other_stages(model, named)
     else:
         named = list(model.named_parameters())
-    sync = make_grad_sync(par, named, topo.dp_comm)
+    sync = tp.wrap_sync(make_grad_sync(par, named, topo.dp_comm), named)
     precision = make_precision(cfg.train, named)
     if par.pp > 1:
         return PipelineEngine(model, topo, bounds, named, sync, precision, schedule=par.schedule,
                               microbatches=par.microbatches, virtual_stages=par.virtual_stages,
-                              keep_step=keep_step)
-    return LocalEngine(model, precision, sync, dp_rank=topo.dp_rank, dp_size=topo.dp)
+                              keep_step=keep_step, tensor_parallel=tp)
+    return LocalEngine(model, precision, sync, dp_rank=topo.dp_rank, dp_size=topo.dp, tensor_parallel=tp)

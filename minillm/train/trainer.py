@@ -105,6 +105,7 @@ class Trainer:
         self.val_sampler = BatchSampler(self.val_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
         tune_host_allocator()  # freed temporaries are reused, not re-faulted in (perf/allocator.py)
         self.model = GPT(cfg.model, seed=t.seed)  # the same initial weights on every rank
+        self.n_params, self.n_matmul = self.model.num_parameters(), matmul_params(self.model)  # before tp splits it
         self.engine = build_engine(cfg, self.model, self.comm)
         self.precision = self.engine.precision
         self.optimizer = self.engine.make_optimizer(t)
@@ -160,6 +161,7 @@ class Trainer:
             "meta": {"step": self.step, "tokens_seen": self.tokens_seen,
                      "best_val_loss": self.best_val,
                      "layout": {"dp": self.cfg.parallel.dp, "pp": self.cfg.parallel.pp,
+                                "tp": self.cfg.parallel.tp, "sp": self.cfg.parallel.sp,
                                 "world_size": self.comm.size}},
             "config": config_to_dict(self.cfg),
             "model": self.engine.model_state(),
@@ -224,12 +226,14 @@ class Trainer:
     def run(self):
         t, cfg = self.cfg.train, self.cfg
         tokens_per_step = t.batch_size * cfg.model.block_size
-        fpt = flops_per_token(cfg.model, matmul_params(self.model))
+        fpt = flops_per_token(cfg.model, self.n_matmul)
         peak = measure_matmul_peak() if self.rank0 else 0.0
         if self.rank0:
-            self.log(f"minillm {__version__} | {self.model.num_parameters() / 1e6:.2f}M parameters | "
+            par = cfg.parallel
+            tp = f", tp {par.tp}{' + sp' if par.sp else ''}" if par.tp > 1 else ""
+            self.log(f"minillm {__version__} | {self.n_params / 1e6:.2f}M parameters | "
                      f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} | "
-                     f"dtype {t.dtype} | world {self.comm.size} (dp {cfg.parallel.dp}, pp {cfg.parallel.pp}) | "
+                     f"dtype {t.dtype} | world {self.comm.size} (dp {par.dp}, pp {par.pp}{tp}) | "
                      f"run dir {self.run_dir}")
         stop = _StopFlag()
         stop.install()
@@ -302,7 +306,7 @@ class Trainer:
 
     def print_sample(self):
         t = self.cfg.train
-        if t.sample_tokens <= 0 or self.cfg.parallel.pp > 1:
+        if t.sample_tokens <= 0 or self.cfg.parallel.pp > 1 or self.cfg.parallel.tp > 1:  # not whole here
             return
         tok = load_tokenizer(self.ddir)
         prompt = t.sample_prompt or "\n"
