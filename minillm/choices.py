@@ -16,6 +16,7 @@ Optimizer = Literal["adamw", "sgd"]
 LRSchedule = Literal["constant", "cosine", "wsd", "inv_sqrt"]
 DType = Literal["float32", "float16", "bfloat16"]
 Device = Literal["cpu", "gpu"]
+DeviceSetting = Literal["auto", "cpu", "gpu"]  # train.device: "auto" = not set (MINILLM_DEVICE, else cpu)
 PipelineSchedule = Literal["1f1b", "gpipe", "zb-h1"]
 AllReduce = Literal["mpi", "ring"]               # MPI's own, or minillm's hand-written ring
 ZeroStage = Literal[0, 1]
@@ -30,6 +31,7 @@ LR_SCHEDULES = get_args(LRSchedule)
 DTYPES = get_args(DType)
 HALF_DTYPES = ("float16", "bfloat16")
 DEVICES = get_args(Device)
+DEVICE_SETTINGS = get_args(DeviceSetting)
 PIPELINE_SCHEDULES = get_args(PipelineSchedule)
 ALLREDUCES = get_args(AllReduce)
 ZERO_STAGES = get_args(ZeroStage)

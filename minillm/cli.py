@@ -48,7 +48,8 @@ def build_parser():
                        ("eval", "validation loss and perplexity of a trained model")):
         s = sub.add_parser(name, help=text)
         s.add_argument("path", help="a run directory or a checkpoint .h5 file")
-        s.add_argument("--device", default=None, help="cpu | gpu (default: cpu)")
+        s.add_argument("--device", default=None, choices=("cpu", "gpu"),
+                       help="cpu | gpu (default: the run's train.device, else MINILLM_DEVICE, else cpu)")
         if name == "sample":
             s.add_argument("--prompt", default="")
             s.add_argument("--max-new-tokens", type=int, default=200)

@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from minillm.choices import (NAMED_SOURCES, AllReduce, Device, DType, LRSchedule, Optimizer,
+from minillm.choices import (NAMED_SOURCES, AllReduce, DeviceSetting, DType, LRSchedule, Optimizer,
                              PipelineSchedule, Tokenizer, ZeroStage)
 from minillm.config_section import (AT_LEAST_0, AT_LEAST_1, BELOW_1, OPEN_UNIT, POSITIVE, UNIT,
                                     Section, field_types, parse_override, require, show, typed)
@@ -74,7 +74,7 @@ class TrainConfig(Section):
     keep_last: int = 3            # 0 = keep every checkpoint
     seed: int = 1337
     dtype: DType = "float32"
-    device: Device = "cpu"
+    device: DeviceSetting = "auto"  # "auto": MINILLM_DEVICE, else cpu (backend.resolve_device)
     out_dir: str = "runs/default"
     sample_tokens: int = 300
     sample_prompt: str = ""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from minillm.amp import FullPrecision
 from minillm.autograd.tensor import no_grad
+from minillm.backend import xp
 from minillm.distributed.grad_sync import LocalSync
 from minillm.distributed.tp_model import NoTensorParallel
 from minillm.nn.module import load_params
@@ -70,10 +71,11 @@ class Engine:
         """The (name, Parameter) pairs this process computes with (a pipeline stage: its own)."""
         raise NotImplementedError
 
-    def forward_backward(self, microbatches: list[Microbatch]) -> float:
+    def forward_backward(self, microbatches: list[Microbatch]):
         """Forward and backward of this process's micro-batches with the loss scaled by the
-        precision object, gradients accumulated and synchronised; returns the mean loss (on a
-        pipeline, only the last stage knows it: others return 0.0 and ``reduce_loss`` fixes it)."""
+        precision object, gradients accumulated and synchronised; returns the mean loss as a 0-d
+        float64 device array, so a step never waits for the GPU (``backend.fetch`` reads it; on
+        a pipeline only the last stage knows it: others return 0.0 and ``reduce_loss`` fixes it)."""
         raise NotImplementedError
 
     def agree(self, found_inf: bool) -> bool:
@@ -82,17 +84,19 @@ class Engine:
         written into a gradient."""
         return self.sync.agree(found_inf)
 
-    def eval_loss(self, x, y) -> float:
-        """No-grad loss of one micro-batch."""
+    def eval_loss(self, x, y):
+        """No-grad loss of one micro-batch (a 0-d device array, or 0.0 off a pipeline's last stage)."""
         raise NotImplementedError
 
     def reduce_loss(self, value: float) -> float:
-        """The mean of ``value`` over data-parallel replicas, the same on every rank."""
+        """The mean of ``value`` (a float: read it with ``backend.fetch`` first) over data-parallel
+        replicas, the same on every rank."""
         raise NotImplementedError
 
-    def grad_sq_reduce(self, sq: float) -> float:
-        """This process's sum of squared (master) gradients -> the global one (for clipping).
-        A parameter replicated over the tp group counts once, a split one with all its shards."""
+    def grad_sq_reduce(self, sq):
+        """This process's sum of squared (master) gradients (a 0-d device array) -> the global one
+        (for clipping; engines whose ranks hold different gradients read it on the host). A
+        parameter replicated over the tp group counts once, a split one with all its shards."""
         return self.sync.grad_sq_reduce(self.tensor_parallel.count_once(sq, self.precision.master_params))
 
     def zero_grad(self) -> None:
@@ -161,14 +165,14 @@ class LocalEngine(Engine):
             with quiet, keyed(self.model, mb):  # only the last micro-step's backward communicates
                 _, loss = self.model(mb.x, mb.y)
                 self.precision.scale_loss(loss * (1.0 / n)).backward()
-            total += float(loss.data)
+            total = total + loss.data.astype(xp.float64)  # summed on the device, in float64
         self.sync.finish_gradient_sync()
         return total / n
 
     def eval_loss(self, x, y):
         with no_grad():
             _, loss = self.model(x, y)
-        return float(loss.data)
+        return loss.data
 
     def reduce_loss(self, value):
         return self.sync.mean_over_replicas(value)

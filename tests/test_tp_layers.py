@@ -19,7 +19,8 @@ import pytest
 
 from mpi_util import output, run_mpi
 
-from minillm.distributed.sequence_parallel import SequenceSliceRNG, positions_of_mask
+from minillm.backend import xp
+from minillm.distributed.sequence_parallel import SequenceSliceRNG
 from minillm.distributed.topology import grid_coords, layout_problem
 from minillm.distributed.tp_layers import COLUMN, QKV, ROW, ShardSpec, padded_length
 from minillm.nn.layers import SampleDropoutRNG
@@ -198,12 +199,13 @@ def test_sequence_slices_of_dropout_masks_are_the_serial_masks():
     full_layer, a, b = drop.for_layer(3), SequenceSliceRNG(drop.for_layer(3), 0, 2), \
         SequenceSliceRNG(drop.for_layer(3), 1, 2)
     with drop.keyed(step=5, row0=4):
-        whole = full_layer.random((2, 8, 3))
-        halves = np.concatenate([a.random((2, 4, 3)), b.random((2, 4, 3))], axis=1)
-    np.testing.assert_array_equal(halves, whole)
-    rng = np.random.default_rng(0)
-    ref = np.random.default_rng(0).random((2, 6, 3), dtype=np.float32)
-    np.testing.assert_array_equal(positions_of_mask(rng, (2, 2, 3), 4, 6), ref[:, 4:6])
+        whole = full_layer.mask((2, 8, 3), 0.5)
+        halves = xp.concatenate([a.mask((2, 4, 3), 0.5), b.mask((2, 4, 3), 0.5)], axis=1)
+    assert bool((halves == whole).all())
+    with drop.keyed(step=5, row0=4, t0=8):  # a micro-batch that itself starts later in the sequence
+        later = full_layer.mask((2, 8, 3), 0.5)
+        assert bool((a.mask((2, 4, 3), 0.5) == later[:, :4]).all())
+    assert not bool((later == whole).all())
 
 
 def test_counting_comm_counts_payload_calls_and_sub_communicators():

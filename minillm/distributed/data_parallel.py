@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
+from minillm import backend
 from minillm.autograd.ops import acc_dtype
 from minillm.backend import xp
 from minillm.choices import ALLREDUCES, one_of
@@ -160,11 +161,14 @@ class DataParallel(GradSync):
         """Raise RuntimeError unless every rank holds bit-identical parameters (two checksums per
         parameter, compared with an all-reduce max and min)."""
         named = self._named
-        sums = numpy.empty((len(named), 2))
-        for k, (_, p) in enumerate(named):
+        if not named:
+            return
+        sums = []
+        for _, p in named:
             d = p.data.reshape(-1).astype(xp.float64)
             ramp = (xp.arange(d.size) % 251 + 1).astype(xp.float64)  # catches swapped elements
-            sums[k] = float(d.sum()), float((d * ramp).sum())
+            sums.append(xp.stack([d.sum(), (d * ramp).sum()]))
+        sums = backend.to_numpy(xp.stack(sums)).reshape(len(named), 2)  # one read of the device
         hi, lo = self.comm.allreduce_(sums.copy(), "max"), self.comm.allreduce_(sums.copy(), "min")
         same = (hi == lo) | (numpy.isnan(hi) & numpy.isnan(lo))
         bad = [named[k][0] for k in range(len(named)) if not same[k].all()]
@@ -216,10 +220,13 @@ class DataParallel(GradSync):
         self._next += 1
 
     def _poke(self):
-        """Let MPI progress in-flight reductions (most MPI libraries only move data inside calls)."""
+        """Let MPI progress in-flight reductions (most MPI libraries only move data inside calls),
+        and start those whose device-to-host copy has finished (GPU staging), strictly in order."""
         for b in self.buckets[:self._next]:
             if b.request is not None:
                 b.request.test()
+                if not b.request.started:  # a later bucket must not start before this one
+                    break
 
     # ------------------------------------------------------------------ after backward
     def finish_gradient_sync(self):

@@ -165,7 +165,7 @@ class PipelineEngine(Engine):
             if g == self.last_chunk:
                 loss = self.model.criterion(self.model.head(h), mb.y)
                 out = self.precision.scale_loss(loss * (1.0 / n))
-                self._losses.append(float(loss.data))
+                self._losses.append(loss.data.astype(xp.float64))  # read only when reported
             else:
                 out = h
         self._graphs[micro, chunk] = (inp, out)
@@ -232,7 +232,10 @@ class PipelineEngine(Engine):
         if self.keep_step is None or self.steps == self.keep_step:
             self.kept = (self.steps, list(self.timeline.events), self.timeline.summary())
         self.steps += 1
-        return sum(self._losses) / n if self._losses else 0.0
+        total = 0.0
+        for loss in self._losses:  # summed in order on the device, as the serial engine does
+            total = total + loss
+        return total / n if self._losses else 0.0
 
     def _sum_tied_grads(self):
         """The embedding's two gradient parts (input side on stage 0, output side on the last)."""
@@ -256,7 +259,7 @@ class PipelineEngine(Engine):
             with no_grad():
                 _, h = self._chunk_forward(x, g, received)
                 if g == self.last_chunk:
-                    loss = float(self.model.criterion(self.model.head(h), y).data)
+                    loss = self.model.criterion(self.model.head(h), y).data  # on the device
                 else:
                     self._send_activation(h.data, g, 0)
         return loss
@@ -275,9 +278,9 @@ class PipelineEngine(Engine):
             g = dict(self.precision.master_params)[TIED].grad
             if g is not None:
                 g = g.reshape(-1).astype(xp.float64)
-                sq -= float(xp.dot(g, g))
+                sq = sq - xp.dot(g, g)
         sq = self.sync.grad_sq_reduce(self.tensor_parallel.count_once(sq, self.precision.master_params))
-        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")
+        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")  # stages differ: read once per step
 
     # ------------------------------------------------------------------ checkpoints
     def _gather(self, local: dict) -> dict:

@@ -11,12 +11,10 @@ What this file adds:
 
 - ``SequenceScatter``: after the embeddings (whole on every rank, as in Megatron-LM with learned
   positions) each rank keeps its own positions, then the embedding dropout runs on them;
-- ``SequenceSliceRNG``: a Dropout's mask generator that gives each rank the masks of its own
-  positions only. Masks are keyed by sample (``nn/layers.SampleDropoutRNG``), so a split run must
-  draw exactly the serial run's mask for position t of sample i on whichever rank holds t.
-  ``positions_of_mask`` is the one place that does it: today it draws the sample's whole mask and
-  keeps the slice (right, and tp times the work); a counter-based generator that can draw a slice
-  by position (issue 12) makes it draw only the slice.
+- ``SequenceSliceRNG``: a Dropout's mask source that gives each rank the masks of its own
+  positions only. Masks are a hash of (seed, step, layer, sample, position, channel)
+  (``nn/dropout_rng.py``), so a split run draws exactly the serial run's mask for position t of
+  sample i on whichever rank holds t, and only that slice.
 
 The norms' weights (and the row-parallel biases, added after the reduce-scatter) then see only
 this rank's positions: their gradients are partial sums, all-reduced over the tp group after
@@ -28,23 +26,19 @@ from minillm.distributed.tensor_parallel import scatter_to_sequence_parallel
 from minillm.nn.module import Module
 
 
-def positions_of_mask(rng, shape, start: int, full_len: int, dtype="float32"):
-    """Uniform numbers (B, T_local, ...) for positions [start, start + T_local) of a mask whose
-    sequences are ``full_len`` long, equal to that slice of ``rng.random((B, full_len, ...))``."""
-    full = rng.random((shape[0], full_len) + tuple(shape[2:]), dtype=dtype)      # (B, T, C)
-    return full[:, start:start + shape[1]]                                        # (B, T/tp, C)
-
-
 class SequenceSliceRNG:
-    """Wraps a dropout layer's generator (``.random(shape, dtype)``) for rank ``rank`` of ``tp``
-    ranks that each hold T/tp consecutive positions of every sequence."""
+    """Wraps a dropout layer's mask source (``nn.dropout_rng.LayerDropoutRNG``) for rank ``rank``
+    of ``tp`` ranks that each hold T/tp consecutive positions of every sequence: masks are a hash
+    of each element's (sample, position, channel), so the rank draws the serial run's mask of its
+    own positions directly, starting at position ``rank * T/tp``."""
 
     def __init__(self, rng, rank: int, tp: int):
         self.rng, self.rank, self.tp = rng, rank, tp
 
-    def random(self, shape, dtype="float32"):
-        n = shape[1]
-        return positions_of_mask(self.rng, shape, self.rank * n, self.tp * n, dtype)
+    def mask(self, shape, p):
+        key = self.rng.source.key                     # (step, row0, t0) of the micro-batch, or None
+        t0 = (key[2] if key is not None else 0) + self.rank * shape[1]
+        return self.rng.mask(shape, p, t0=t0)
 
 
 class SequenceScatter(Module):

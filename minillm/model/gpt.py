@@ -1,4 +1,5 @@
 """GPT: the model (GPT-2 style, with Llama-style options); its config is in model/config.py."""
+import functools
 import math
 
 import numpy  # host-side: initial values and sampling use explicit numpy Generators
@@ -30,6 +31,12 @@ def rope_tables(head_size, positions, base=10000.0, dtype="float32"):
     angles = numpy.concatenate([angles, angles], axis=-1)                       # (..., T, hs)
     return (backend.asarray(numpy.cos(angles).astype(dtype)),
             backend.asarray(numpy.sin(angles).astype(dtype)))
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_cached(device_key, head_size, start, T, dtype):
+    """rope_tables for positions start..start+T-1, made (and copied to device_key) once."""
+    return rope_tables(head_size, numpy.arange(start, start + T), dtype=dtype)
 
 
 class CausalSelfAttention(Module):
@@ -147,8 +154,8 @@ class GPT(Module):
         ``positions`` (B, T), broadcasting over the heads of q, k (B, nh, T, hs)."""
         if self.config.pos != "rope":
             return None
-        if positions is None:
-            return rope_tables(self.config.head_size, numpy.arange(start_pos, start_pos + T), dtype=dtype)
+        if positions is None:  # the same positions for every row: tables made once per device
+            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype))
         cos, sin = rope_tables(self.config.head_size, positions, dtype=dtype)    # (B, T, hs)
         return cos[:, None], sin[:, None]                                       # (B, 1, T, hs)
 

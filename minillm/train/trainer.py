@@ -7,8 +7,8 @@ the engine (``minillm/engine.py``: serial, data parallel, ZeRO, pipeline, built 
 object; the loop itself is the same for all.
 
 Reproducibility: the batch of step s is a function of (seed, s) only (``data/sampler.py``), and
-the dropout mask of sample i at layer l is drawn from ``default_rng([seed, s, l, i])``, the sample
-index travelling with its micro-batch (``engine.Microbatch``). So a resumed run replays exactly
+the dropout mask of sample i at layer l is a hash of (seed, s, l, i, position, channel)
+(``nn/dropout_rng.py``), the sample index travelling with its micro-batch (``engine.Microbatch``). So a resumed run replays exactly
 what the uninterrupted one would have done, and nothing random needs saving: a checkpoint holds
 the weights, the optimizer state, the loss scaler, the config and the step.
 """
@@ -32,7 +32,7 @@ from minillm.distributed.comm import get_world_comm
 from minillm.engine import Microbatch
 from minillm.errors import UserError
 from minillm.model import GPT
-from minillm.optim import clip_grad_norm, get_lr
+from minillm.optim import clip_grad_norm_device, get_lr
 from minillm.perf.allocator import tune_host_allocator
 from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
 from minillm.train.build import build_engine
@@ -90,9 +90,13 @@ class Trainer:
     def __init__(self, cfg, comm=None, resume=None, log=None):
         self.comm = comm or get_world_comm()
         check_layout(cfg, self.comm.size)
-        backend.set_device(cfg.train.device)
+        self.device, self.device_source = backend.resolve_device(config=cfg.train.device)
+        backend.set_device(self.device)
         self.rank0 = self.comm.rank == 0
         self.log = log or (lambda msg: print(msg, flush=True))
+        if backend.is_gpu():  # which GPU this rank uses, from its rank on the node (every rank says)
+            print(f"rank {self.comm.rank}: {backend.use_gpu_for_rank(*self.comm.node_rank_and_size())}",
+                  flush=True)
         self.ddir, meta = prepare_data(cfg, self.comm)
         # the saved config names the dataset by absolute path, so sample / eval / resume work from any cwd
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(self.ddir).resolve())))
@@ -151,8 +155,12 @@ class Trainer:
         total = 0.0
         for i in range(self.cfg.train.eval_iters):
             mbs = self.local_microbatches(0, sampler, eval_index=i)
-            total += sum(self.engine.eval_loss(mb.x, mb.y) for mb in mbs) / len(mbs)
+            part = 0.0
+            for mb in mbs:  # summed on the device, read once below
+                part = part + self.engine.eval_loss(mb.x, mb.y)
+            total = total + part / len(mbs)
         self.model.train()
+        (total,) = backend.fetch(total)
         return self.engine.reduce_loss(total / self.cfg.train.eval_iters)
 
     # ------------------------------------------------------------------ checkpoints
@@ -206,7 +214,10 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self):
+    def step_on_device(self):
+        """One optimizer step; the loss and grad norm stay 0-d device arrays (nothing waits for a
+        GPU here except the overflow decision of mixed precision). Returns (loss, lr, grad_norm,
+        found_inf)."""
         t = self.cfg.train
         lr = get_lr(self.step, t)
         mbs = self.local_microbatches(self.step)
@@ -214,13 +225,19 @@ class Trainer:
             loss = self.engine.forward_backward(mbs)
             found_inf = self.precision.grads_to_master(agree=self.engine.agree)  # same on every rank
         params = [p for _, p in self.precision.master_params]
-        grad_norm = clip_grad_norm(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
+        grad_norm = clip_grad_norm_device(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
         if not found_inf:
             self.optimizer.step(lr=lr)
             self.precision.master_to_model()  # so evaluation and samples see this step's weights
         self.precision.update(found_inf)
         self.optimizer.zero_grad()
         self.engine.zero_grad()
+        return loss, lr, grad_norm, found_inf
+
+    def train_step(self):
+        """``step_on_device`` with the loss (averaged over replicas) and grad norm read as floats."""
+        loss, lr, grad_norm, found_inf = self.step_on_device()
+        loss, grad_norm = backend.fetch(loss, grad_norm)
         return self.engine.reduce_loss(loss), lr, grad_norm, found_inf
 
     def run(self):
@@ -232,7 +249,8 @@ class Trainer:
             par = cfg.parallel
             tp = f", tp {par.tp}{' + sp' if par.sp else ''}" if par.tp > 1 else ""
             self.log(f"minillm {__version__} | {self.n_params / 1e6:.2f}M parameters | "
-                     f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} | "
+                     f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} "
+                     f"({self.device_source}) | "
                      f"dtype {t.dtype} | world {self.comm.size} (dp {par.dp}, pp {par.pp}{tp}) | "
                      f"run dir {self.run_dir}")
         stop = _StopFlag()
@@ -243,7 +261,7 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 try:
-                    loss, lr, grad_norm, found_inf = self.train_step()
+                    loss, lr, grad_norm, found_inf = self.step_on_device()
                 except LossDivergedError:  # the failed step changed no weight: save them, then stop
                     path = self.save()
                     if self.rank0:
@@ -256,7 +274,8 @@ class Trainer:
                 record = None
                 is_eval = step % t.eval_interval == 0 or step == t.max_steps
                 if step % t.log_interval == 0 or step == 1 or is_eval:
-                    backend.synchronize()
+                    loss, grad_norm = backend.fetch(loss, grad_norm)  # the step's one read of the device
+                    loss = self.engine.reduce_loss(loss)
                     now = time.perf_counter()
                     dt = (now - last_t) / max(step - last_step, 1)
                     last_t, last_step = now, step
