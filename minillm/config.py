@@ -20,9 +20,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from minillm.choices import (NAMED_SOURCES, AllReduce, DeviceSetting, DType, LRSchedule, Optimizer,
-                             PipelineSchedule, Tokenizer, ZeroStage)
+                             PipelineSchedule, Recompute, Tokenizer, ZeroStage)
 from minillm.config_section import (AT_LEAST_0, AT_LEAST_1, BELOW_1, OPEN_UNIT, POSITIVE, UNIT,
-                                    Section, field_types, parse_override, require, show, typed)
+                                    Section, field_types, parse_override, parse_size, require, show,
+                                    typed)
 from minillm.distributed.topology import layout_problem
 from minillm.errors import ConfigError
 from minillm.model.config import GPTConfig
@@ -81,6 +82,8 @@ class TrainConfig(Section):
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
     progress: bool = True
+    recompute: Recompute = "none"  # activation recomputation: "full" blocks, or the "selective" attention core
+    memory_limit: str = ""        # e.g. "16GiB": refuse to start when the memory ledger predicts more per rank
     _name = "train"
     _rules = ((AT_LEAST_1, "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
                "loss_scale_growth_interval"),
@@ -96,6 +99,8 @@ class TrainConfig(Section):
         require(self.batch_size % self.grad_accum == 0,
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
         require(self.out_dir.strip() != "", "train.out_dir is empty; give the run directory, e.g. runs/my_run")
+        if self.memory_limit:
+            parse_size("train.memory_limit", self.memory_limit)
 
 
 @dataclass
@@ -107,7 +112,7 @@ class ParallelConfig(Section):
     bucket_mb: float = 25.0       # gradient all-reduce bucket size
     allreduce: AllReduce = "mpi"   # "ring": our hand-written ring
     partition: str = ""           # blocks per stage (per chunk), e.g. "3,2,2,1"; "" = as even as possible
-    zero: ZeroStage = 0           # 0 = plain data parallel, 1 = AdamW state sharded over dp ranks
+    zero: ZeroStage = 0           # 0 = plain dp; 1 AdamW state, 2 + gradients, 3 + parameters sharded over dp ranks
     virtual_stages: int = 1       # chunks of layers per pipeline rank (> 1: interleaved 1F1B)
     tp: int = 1                   # tensor-parallel ranks: every layer split across them (Megatron)
     sp: bool = False              # sequence parallelism: norms, dropout, residuals split along T over tp
@@ -119,6 +124,8 @@ class ParallelConfig(Section):
                 "ranks; it needs parallel.tp >= 2 (or set parallel.sp=false)")
         require(self.zero == 0 or self.pp == 1, f"parallel.zero={self.zero} shards the optimizer over "
                 f"data-parallel ranks only, not with parallel.pp={self.pp}; set parallel.pp=1 or parallel.zero=0")
+        require(self.zero <= 1 or self.tp == 1, f"parallel.zero={self.zero} shards gradients and weights over "
+                f"data-parallel ranks only, not with parallel.tp={self.tp}; set parallel.zero=1 or parallel.tp=1")
         v, pp, m = self.virtual_stages, self.pp, self.microbatches
         blocks = self.partition_blocks
         require(not blocks or len(blocks) == pp * v,

@@ -124,9 +124,9 @@ class Engine:
         return self.tensor_parallel.gather_optimizer_state(optimizer.state_dict())
 
     def load_model_state(self, state: dict, source: str = "checkpoint") -> None:
-        """Copy this process's tensors (tp: its shards) out of a full (serial-format) model state."""
-        load_params(self.precision.master_params, self.tensor_parallel.local(state), source)
-        self.precision.master_to_model()
+        """Copy this process's tensors out of a full (serial-format) model state: its tp shards
+        (``tensor_parallel.local``), and of those what the sync keeps (ZeRO-2/3: its dp shards)."""
+        self.sync.load_model_state(self.precision, self.tensor_parallel.local(state), source)
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         optimizer.load_state_dict(self.tensor_parallel.local_optimizer_state(state))
@@ -178,4 +178,4 @@ class LocalEngine(Engine):
         return self.sync.mean_over_replicas(value)
 
     def model_state(self):
-        return self.tensor_parallel.gather({name: p.data for name, p in self.precision.master_params})
+        return self.tensor_parallel.gather(self.sync.model_state(self.precision.master_params))

@@ -94,7 +94,7 @@ INVALID = [
     ("parallel.schedule", "zb", "parallel.schedule='zb' is not one of '1f1b', 'gpipe'"),
     ("parallel.allreduce", "nccl", "parallel.allreduce='nccl' is not one of 'mpi', 'ring'"),
     ("parallel.bucket_mb", 0.0, "parallel.bucket_mb"),
-    ("parallel.zero", 2, "parallel.zero=2 is not one of 0, 1"),
+    ("parallel.zero", 4, "parallel.zero=4 is not one of 0, 1, 2, 3"),
     ("parallel.partition", "2,x", "parallel.partition"),
     ("parallel.partition", "3,-1", "parallel.partition"),
     ("model.n_head", 3, "model.n_embd=128 is not divisible by model.n_head=3"),

@@ -19,6 +19,7 @@ import pytest
 
 from mpi_util import output, run_mpi
 
+from minillm import backend
 from minillm.backend import xp
 from minillm.distributed.sequence_parallel import SequenceSliceRNG
 from minillm.distributed.topology import grid_coords, layout_problem
@@ -26,6 +27,19 @@ from minillm.distributed.tp_layers import COLUMN, QKV, ROW, ShardSpec, padded_le
 from minillm.nn.layers import SampleDropoutRNG
 
 HERE = Path(__file__).resolve()
+
+
+def dev(a):
+    """A host array on the active device (the fake-GPU pass runs this file with cupy)."""
+    return backend.asarray(a)
+
+
+def close(got, want, **tol):
+    np.testing.assert_allclose(backend.to_numpy(got), backend.to_numpy(want), **tol)
+
+
+def same(got, want):
+    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
 TOL = dict(rtol=2e-5, atol=2e-6)
 B, T, C, H, V = 2, 8, 16, 24, 11        # V divisible by neither 2 nor 4: the padding is exercised
 
@@ -40,7 +54,7 @@ def layer_checks(comm):
     from minillm.nn import Embedding, Linear, Parameter
     r, tp = comm.rank, comm.size
     rng = np.random.default_rng(0)            # the same numbers on every rank
-    x = rng.standard_normal((B, T, C)).astype(np.float32)
+    x = dev(rng.standard_normal((B, T, C)).astype(np.float32))
 
     def full_grads(layer, inp, gy):
         """The unsplit layer's output and gradients (input, weight, bias)."""
@@ -54,47 +68,47 @@ def layer_checks(comm):
         # column-parallel: c_fc style, and c_attn style (q, k, v each split by heads)
         for spec, out in ((COLUMN, H), (QKV, 3 * C)):
             full = Linear(C, out, rng=np.random.default_rng(1))
-            gy = rng.standard_normal((B, T, out)).astype(np.float32)
+            gy = dev(rng.standard_normal((B, T, out)).astype(np.float32))
             y_ref, gx_ref, gw_ref, gb_ref = full_grads(full, x, gy)
             col = ColumnParallelLinear.split(full, comm, sp, spec)
             t = Tensor(seq(x), requires_grad=True)
             y = col(t)
             cut = ShardSpec(2, spec.parts)
-            np.testing.assert_allclose(y.data, cut.take(y_ref, r, tp), **TOL)
+            close(y.data, cut.take(y_ref, r, tp), **TOL)
             y.backward(cut.take(gy, r, tp))
-            np.testing.assert_allclose(t.grad, seq(gx_ref), **TOL)       # f / reduce-scatter summed it
-            np.testing.assert_allclose(col.weight.grad, spec.take(gw_ref, r, tp), **TOL)
-            np.testing.assert_allclose(col.bias.grad, spec.take(gb_ref, r, tp), **TOL)
+            close(t.grad, seq(gx_ref), **TOL)       # f / reduce-scatter summed it
+            close(col.weight.grad, spec.take(gw_ref, r, tp), **TOL)
+            close(col.bias.grad, spec.take(gb_ref, r, tp), **TOL)
         # row-parallel: its input is this rank's slice of the features
         full = Linear(H, C, rng=np.random.default_rng(2))
-        h = rng.standard_normal((B, T, H)).astype(np.float32)
-        gy = rng.standard_normal((B, T, C)).astype(np.float32)
+        h = dev(rng.standard_normal((B, T, H)).astype(np.float32))
+        gy = dev(rng.standard_normal((B, T, C)).astype(np.float32))
         y_ref, gx_ref, gw_ref, gb_ref = full_grads(full, h, gy)
         row = RowParallelLinear.split(full, comm, sp)
         row.bias.grad = None          # the replicated bias is the full layer's own Parameter
         t = Tensor(ShardSpec(2).take(h, r, tp), requires_grad=True)
         y = row(t)
-        np.testing.assert_allclose(y.data, seq(y_ref), **TOL)
+        close(y.data, seq(y_ref), **TOL)
         y.backward(seq(gy))
-        np.testing.assert_allclose(t.grad, ShardSpec(2).take(gx_ref, r, tp), **TOL)
-        np.testing.assert_allclose(row.weight.grad, ROW.take(gw_ref, r, tp), **TOL)
+        close(t.grad, ShardSpec(2).take(gx_ref, r, tp), **TOL)
+        close(row.weight.grad, ROW.take(gw_ref, r, tp), **TOL)
         gb = comm.allreduce_(row.bias.grad.copy()) if sp else row.bias.grad   # sp: a partial sum
-        np.testing.assert_allclose(gb, gb_ref, **TOL)
+        close(gb, gb_ref, **TOL)
 
     # the vocabulary: a padded embedding table and the loss over padded, split logits
     emb = Embedding(V, C, rng=np.random.default_rng(3))
     ids = rng.integers(0, V, (B, T))
-    gy = rng.standard_normal((B, T, C)).astype(np.float32)
+    gy = dev(rng.standard_normal((B, T, C)).astype(np.float32))
     e_ref = emb(ids)
     e_ref.backward(gy)
     vpe = VocabParallelEmbedding(Parameter(COLUMN.take(emb.weight.data, r, tp)), comm)
     e = vpe(ids)
-    np.testing.assert_allclose(e.data, e_ref.data, **TOL)
+    close(e.data, e_ref.data, **TOL)
     e.backward(gy)
     want = COLUMN.take(emb.weight.grad, r, tp)                # padded rows: zero gradient
-    np.testing.assert_allclose(vpe.weight.grad, want, **TOL)
+    close(vpe.weight.grad, want, **TOL)
 
-    logits = (3 * rng.standard_normal((B, T, V))).astype(np.float32)
+    logits = dev((3 * rng.standard_normal((B, T, V))).astype(np.float32))
     targets = rng.integers(0, V, (B, T))
     targets[0, :3] = targets[1, -1] = -100                    # ignored rows
     lt = Tensor(logits, requires_grad=True)
@@ -103,9 +117,9 @@ def layer_checks(comm):
     start = r * padded_length(V, tp) // tp
     local = Tensor(ShardSpec(2).take(logits, r, tp), requires_grad=True)
     loss = VocabParallelCrossEntropy(comm, start, V)(local, targets)
-    np.testing.assert_allclose(float(loss.data), float(loss_ref.data), rtol=1e-6)
+    close(float(loss.data), float(loss_ref.data), rtol=1e-6)
     loss.backward()
-    np.testing.assert_allclose(local.grad, ShardSpec(2).take(lt.grad, r, tp), **TOL)
+    close(local.grad, ShardSpec(2).take(lt.grad, r, tp), **TOL)
     assert not local.grad[0, :3].any() and not local.grad[1, -1].any()  # ignored rows: no gradient
 
 
@@ -148,16 +162,16 @@ def ring_attention_checks(comm):
     from minillm.distributed.context_parallel import ring_attention
     from minillm.distributed.tensor_parallel import local_part
     rng = np.random.default_rng(5)
-    q, k, v, gy = (rng.standard_normal((2, 3, 8, 4)) for _ in range(4))         # (B, nh, T, hs), float64
+    q, k, v, gy = (dev(rng.standard_normal((2, 3, 8, 4))) for _ in range(4))         # (B, nh, T, hs), float64
     full = [Tensor(a, requires_grad=True) for a in (q, k, v)]
     out = F.scaled_dot_product_attention(*full)
     out.backward(gy)
     mine = [Tensor(local_part(comm, a, axis=2), requires_grad=True) for a in (q, k, v)]
     got = ring_attention(*mine, comm)
-    np.testing.assert_allclose(got.data, local_part(comm, out.data, axis=2), rtol=1e-10, atol=1e-12)
+    close(got.data, local_part(comm, out.data, axis=2), rtol=1e-10, atol=1e-12)
     got.backward(local_part(comm, gy, axis=2))
     for name, t, ref in zip("qkv", mine, full):
-        np.testing.assert_allclose(t.grad, local_part(comm, ref.grad, axis=2), rtol=1e-9, atol=1e-11,
+        close(t.grad, local_part(comm, ref.grad, axis=2), rtol=1e-9, atol=1e-11,
                                    err_msg=f"d{name}")
 
 
@@ -186,12 +200,12 @@ def test_tp_layers_equal_unsplit_layers_and_costs_equal_formulas(nprocs):
                                          (ShardSpec(2), (2, 3, 7))])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_shards_join_back_to_the_full_tensor(spec, shape, tp):
-    full = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    full = dev(np.arange(np.prod(shape), dtype=np.float32).reshape(shape))
     pieces = [spec.take(full, r, tp) for r in range(tp)]
     assert len({p.shape for p in pieces}) == 1                      # equal shards (padded)
-    np.testing.assert_array_equal(spec.join(pieces, shape[spec.axis]), full)
+    same(spec.join(pieces, shape[spec.axis]), full)
     if spec is QKV and tp == 2:  # rank 0 holds the first half of q, of k and of v: whole heads
-        np.testing.assert_array_equal(pieces[0], full[[0, 1, 4, 5, 8, 9]])
+        same(pieces[0], full[[0, 1, 4, 5, 8, 9]])
 
 
 def test_sequence_slices_of_dropout_masks_are_the_serial_masks():

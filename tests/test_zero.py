@@ -244,7 +244,7 @@ def test_shard_layout_cuts_parameters_at_shard_bounds():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--parallel.zero=2"], "parallel.zero=2 is not one of 0, 1"),
+    (["--parallel.zero=4"], "parallel.zero=4 is not one of 0, 1, 2, 3"),
     (["--parallel.zero=1", "--parallel.pp=2"], "set parallel.pp=1 or parallel.zero=0"),
     (["--parallel.zero=1", "--train.optimizer=sgd"], "set train.optimizer='adamw' or parallel.zero=0"),
 ])
@@ -358,7 +358,7 @@ def test_serial_checkpoint_resumes_under_zero1(serial, runs):
 @pytest.mark.mpi
 @pytest.mark.parametrize("extra, message", [
     (["--parallel.pp=2", "--parallel.zero=1"], "parallel.zero=1 shards the optimizer over data-parallel"),
-    (["--parallel.dp=2", "--parallel.zero=2"], "parallel.zero=2 is not one of 0, 1"),
+    (["--parallel.dp=2", "--parallel.zero=4"], "parallel.zero=4 is not one of 0, 1, 2, 3"),
 ])
 def test_bad_zero_setting_is_one_error_line_exit_2(work, char_data, extra, message):
     r = run_mpi(2, train_args(char_data, "bad_zero", *extra), timeout=60, cwd=work)

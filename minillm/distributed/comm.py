@@ -94,6 +94,33 @@ def _cuda_aware(MPI) -> bool:
     return False
 
 
+def _both(first, second):
+    """One ``finish`` for a request that staged two buffers (either may have none)."""
+    if first is None or second is None:
+        return first or second
+    return lambda: (first(), second())
+
+
+class _Ready:
+    """Done when every staged buffer's copy is done (the event ``Request`` waits for)."""
+
+    def __init__(self, events):
+        self.events = events
+
+    @property
+    def done(self) -> bool:
+        return all(e.done for e in self.events)
+
+    def synchronize(self) -> None:
+        for e in self.events:
+            e.synchronize()
+
+
+def _ready(*staged):
+    events = [st.ready for st in staged if st.ready is not None]
+    return None if not events else events[0] if len(events) == 1 else _Ready(events)
+
+
 class Request:
     """A pending non-blocking operation. ``wait()`` blocks until it is complete (calling it again
     does nothing); ``finish`` then copies a staged host buffer back to the device, if any.
@@ -109,6 +136,8 @@ class Request:
         self._start, self._ready = start, ready
         self._keep = keep  # buffers MPI is still reading or writing must stay alive until done
         self.done = mpi_request is None and finish is None and start is None
+        if start is not None:
+            self._begin(block=False)  # at once, unless it must wait for a device copy first
 
     @property
     def started(self) -> bool:
@@ -186,6 +215,12 @@ class Comm:
     def _nonblocking(self, st: Staged, call) -> Request:
         return Request(finish=st.finish, keep=st.buf, start=lambda: call(st.buf), ready=st.ready)
 
+    @staticmethod
+    def _movable(a):
+        """``a`` as MPI can move it: bfloat16 (unknown to MPI and DLPack) as its 16-bit pattern.
+        Only for collectives that copy data; reductions need a type MPI can add."""
+        return a.view(numpy.uint16) if a.dtype.kind == "V" and a.dtype.itemsize == 2 else a
+
     def _op(self, op):
         MPI = self._MPI
         return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[_check_op(op)]
@@ -240,6 +275,40 @@ class Comm:
         self._blocking(self._stage(a), lambda buf: self._comm.Allgatherv(
             self._MPI.IN_PLACE, [buf, (list(counts), displs)]))
         return a
+
+    def ireduce_scatter(self, send, recv, counts, op: str = "sum") -> Request:
+        """Start a reduce-scatter: ``recv`` (``counts[rank]`` elements) receives the reduction over
+        the ranks of part ``rank`` of the 1-D ``send`` (cut as in ``reduce_scatter_``) once
+        ``.wait()`` returns. ``send`` must stay unchanged until then."""
+        _part(send, counts, self.rank, self.size)
+        if recv.size != counts[self.rank]:
+            raise ValueError(f"recv has {recv.size} elements, rank {self.rank}'s part {counts[self.rank]}")
+        s = self._stage(send, write_back=False)
+        r = self._stage(recv, read=False)
+        mpi_op = self._op(op)
+        return Request(finish=_both(s.finish, r.finish), keep=(s.buf, r.buf), ready=_ready(s, r),
+                       start=lambda: self._comm.Ireduce_scatter(s.buf, r.buf, recvcounts=list(counts),
+                                                                op=mpi_op))
+
+    def iallgather_(self, a, counts, part=None) -> Request:
+        """Start an all-gather into the 1-D array ``a`` (cut into ``counts`` as in
+        ``allgather_``): once ``.wait()`` returns, ``a`` holds every rank's part. This rank
+        contributes ``part`` (``counts[rank]`` elements), or by default its own slot of ``a``."""
+        lo, hi = _part(a, counts, self.rank, self.size)
+        displs = numpy.cumsum([0, *counts[:-1]]).tolist()
+        a = self._movable(a)
+        part = None if part is None else self._movable(part)
+        whole = self._stage(a, read=part is None)
+        if part is None:
+            return Request(finish=whole.finish, keep=whole.buf, ready=whole.ready,
+                           start=lambda: self._comm.Iallgatherv(self._MPI.IN_PLACE,
+                                                                [whole.buf, (list(counts), displs)]))
+        if part.size != hi - lo:
+            raise ValueError(f"part has {part.size} elements, rank {self.rank}'s slot {hi - lo}")
+        mine = self._stage(part, write_back=False)
+        return Request(finish=_both(mine.finish, whole.finish), keep=(mine.buf, whole.buf),
+                       ready=_ready(mine, whole),
+                       start=lambda: self._comm.Iallgatherv(mine.buf, [whole.buf, (list(counts), displs)]))
 
     def allreduce_scalar(self, x, op: str = "sum") -> float:
         buf = numpy.array([float(x)], dtype=numpy.float64)
@@ -345,6 +414,18 @@ class SerialComm:
     def allgather_(self, a, counts):
         _part(a, counts, 0, 1)
         return a
+
+    def ireduce_scatter(self, send, recv, counts, op: str = "sum") -> Request:
+        _check_op(op)
+        lo, hi = _part(send, counts, 0, 1)
+        recv[...] = send[lo:hi]
+        return Request()
+
+    def iallgather_(self, a, counts, part=None) -> Request:
+        lo, hi = _part(a, counts, 0, 1)
+        if part is not None:
+            a[lo:hi] = part
+        return Request()
 
     def allreduce_scalar(self, x, op: str = "sum") -> float:
         _check_op(op)

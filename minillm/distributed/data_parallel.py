@@ -71,13 +71,14 @@ class Bucket:
             self.slot(i)[...] = g
 
 
-def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
-    """Group parameters, last first, into buckets of at most ``bucket_mb`` MB (a parameter larger
-    than that gets a bucket of its own; a change of summing dtype starts a new bucket)."""
+def bucket_groups(named_params, bucket_mb: float) -> list[list]:
+    """(name, Parameter) pairs grouped, last first, into buckets of at most ``bucket_mb`` MB of
+    gradient (a parameter larger than that gets a bucket of its own; a change of summing dtype
+    starts a new bucket). DataParallel and ZeRO-2 bucket the same way."""
     cap = bucket_mb * 1024 * 1024
     groups, current, size, dtype = [], [], 0, None
     for name, p in reversed(list(named_params)):
-        p_dtype = acc_dtype(p.data.dtype)
+        p_dtype = xp.dtype(acc_dtype(p.data.dtype))
         nbytes = p.size * p_dtype.itemsize
         if current and (size + nbytes > cap or p_dtype != dtype):
             groups.append(current)
@@ -87,8 +88,13 @@ def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
         dtype = p_dtype
     if current:
         groups.append(current)
+    return groups
+
+
+def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
+    """Buckets (``bucket_groups``) with their flat gradient buffers."""
     buckets = []
-    for group in groups:
+    for group in bucket_groups(named_params, bucket_mb):
         offsets = numpy.cumsum([0] + [p.size for _, p in group]).tolist()
         flat = xp.zeros(offsets[-1], dtype=acc_dtype(group[0][1].data.dtype))
         buckets.append(Bucket([n for n, _ in group], [p for _, p in group], offsets[:-1], flat))

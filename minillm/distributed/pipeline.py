@@ -136,9 +136,9 @@ class PipelineEngine(Engine):
 
     def _recv_activation(self, x, g, micro):
         source, _ = self._neighbour(g - 1)
-        if source not in self._act_dtype:
+        if source not in self._act_dtype:  # (waiting, keep our own sends moving: the peer may need them)
             name = numpy.empty(16, dtype=numpy.uint8)
-            self.topo.pipe_comm.recv(name, source, _DTYPE)
+            _wait(self.topo.pipe_comm.irecv(name, source, _DTYPE), self._poke)
             self._act_dtype[source] = numpy.dtype(name.tobytes().decode().strip())
         B, T = x.shape
         shape = (B, self.tensor_parallel.seq_len(T), self.model.config.n_embd)  # (B, T or T/tp, C)

@@ -197,7 +197,7 @@ class VocabParallelEmbedding(Module):
         self.start = comm.rank * weight.shape[0]
 
     def forward(self, ids):
-        local = ids - self.start                              # (B, T) ids in this shard's rows
+        local = F._ids(ids) - self.start                      # (B, T) ids in this shard's rows
         inside = (local >= 0) & (local < self.weight.shape[0])
         x = ShardLookup.apply(self.weight, local, inside)     # (B, T, C), zeros for other shards' ids
         return reduce_from_tensor_parallel(x, self.comm)

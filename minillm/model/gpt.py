@@ -39,6 +39,16 @@ def _rope_cached(device_key, head_size, start, T, dtype):
     return rope_tables(head_size, numpy.arange(start, start + T), dtype=dtype)
 
 
+class AttentionCore(Module):
+    """softmax(q k^T / sqrt(hs) + causal mask) v: the region whose (B, nh, T, T) probabilities
+    dominate activation memory at long contexts. A module of its own (no parameters, so no
+    names change) only so that wrappers can act on it: selective recomputation
+    (``model/recompute.py``) re-runs just this region in backward."""
+
+    def forward(self, q, k, v, attn_mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)    # (B, nh, T, hs)
+
+
 class CausalSelfAttention(Module):
     def __init__(self, config, rng):
         super().__init__()
@@ -46,6 +56,7 @@ class CausalSelfAttention(Module):
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, std=0.02)
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng, std=resid_std)
+        self.core = AttentionCore()
         # heads this module computes (a tensor-parallel wrapper gives each rank n_head / tp of them)
         self.n_head, self.head_size = config.n_head, config.head_size
         self.rope = config.pos == "rope"
@@ -61,7 +72,7 @@ class CausalSelfAttention(Module):
         if cache is not None:  # sampling: no graph, extend the cache
             k_all, v_all = cache.update(layer, k.data, v.data)
             k, v = Tensor(k_all, _check=False), Tensor(v_all, _check=False)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)        # (B, nh, T, hs)
+        y = self.core(q, k, v, attn_mask=attn_mask)                             # (B, nh, T, hs)
         y = y.permute(0, 2, 1, 3).reshape(B, T, nh * hs)                        # (B, T, C)
         return self.c_proj(y)
 

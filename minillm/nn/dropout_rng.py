@@ -125,6 +125,22 @@ class SampleDropoutRNG:
         finally:
             self.key = prev
 
+    def replay_point(self):
+        """Where the masks drawn next come from: the (step, row0, t0) key, and for unkeyed calls
+        the per-layer counts. Activation recomputation records it when a region first runs."""
+        return self.key, dict(self.calls)
+
+    @contextlib.contextmanager
+    def replaying(self, point):
+        """Masks drawn inside are those drawn at ``point`` (``replay_point()``): a recomputed
+        region gets the masks of its first run. Afterwards everything is as before."""
+        prev = self.key, self.calls
+        self.key, self.calls = point[0], dict(point[1])
+        try:
+            yield
+        finally:
+            self.key, self.calls = prev
+
     def for_layer(self, layer):
         """The mask source of one Dropout layer (``.mask(shape, p)``)."""
         return LayerDropoutRNG(self, int(layer))

@@ -32,8 +32,10 @@ from minillm.distributed.comm import get_world_comm
 from minillm.engine import Microbatch
 from minillm.errors import UserError
 from minillm.model import GPT
+from minillm.config_section import parse_size
 from minillm.optim import clip_grad_norm_device, get_lr
 from minillm.perf.allocator import tune_host_allocator
+from minillm.perf.memory import check_memory_limit, memory_ledger
 from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
 from minillm.train.build import build_engine
 from minillm.train.metrics import MetricsLog, format_line
@@ -102,6 +104,9 @@ class Trainer:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(self.ddir).resolve())))
         self.cfg = cfg = resolve_vocab(cfg, meta)
         t = cfg.train
+        if t.memory_limit:  # refuse before anything is allocated (the same verdict on every rank)
+            check_memory_limit(memory_ledger(cfg, gpu=self.device == "gpu"),
+                               parse_size("train.memory_limit", t.memory_limit), "train.memory_limit")
         self.run_dir = Path(t.out_dir)
         self.train_data = TokenDataset(self.ddir, "train")
         self.val_data = TokenDataset(self.ddir, "val")
@@ -325,8 +330,9 @@ class Trainer:
 
     def print_sample(self):
         t = self.cfg.train
-        if t.sample_tokens <= 0 or self.cfg.parallel.pp > 1 or self.cfg.parallel.tp > 1:  # not whole here
-            return
+        par = self.cfg.parallel
+        if t.sample_tokens <= 0 or par.pp > 1 or par.tp > 1 or (par.zero == 3 and par.dp > 1):
+            return  # one rank alone cannot run a model spread over stages, tp shards or ZeRO-3 shards
         tok = load_tokenizer(self.ddir)
         prompt = t.sample_prompt or "\n"
         try:
