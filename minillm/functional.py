@@ -31,11 +31,19 @@ def cross_entropy(logits, targets, ignore_index=-100):
     return fused.CrossEntropy.apply(logits, _ids(targets), ignore_index=ignore_index)
 
 
-def scaled_dot_product_attention(q, k, v, is_causal=True):
-    """Causal attention for q (B, nh, Tq, hs) and k, v (B, nh, Tk, hs)."""
-    if not is_causal:
-        raise NotImplementedError("only causal attention is implemented (is_causal=True)")
-    return fused.CausalAttention.apply(q, k, v)
+def scaled_dot_product_attention(q, k, v, is_causal=True, attn_mask=None):
+    """softmax(q k^T / sqrt(hs)) v for q (B, nh, Tq, hs) and k, v (B, nh, Tk, hs).
+
+    ``is_causal``: query i sees keys up to its own position (i + Tk - Tq, so new queries over a
+    KV cache see every cached key). ``attn_mask``: a boolean array (or Tensor) broadcastable to
+    (B, nh, Tq, Tk), True where a query may attend; with ``is_causal`` both apply. A query that
+    may attend to nothing gets a zero output and passes no gradient (never NaN).
+    Without a mask, causal attention takes the fused causal path (CausalAttention).
+    """
+    if attn_mask is None and is_causal:
+        return fused.CausalAttention.apply(q, k, v)
+    mask = None if attn_mask is None else _raw(attn_mask)
+    return fused.MaskedAttention.apply(q, k, v, mask=mask, causal=is_causal)
 
 
 def dropout(x, p, rng, training=True):

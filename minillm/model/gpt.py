@@ -110,7 +110,7 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng, std=resid_std)
         self.n_head, self.rope = config.n_head, config.pos == "rope"
 
-    def forward(self, x, rope=None, cache=None, layer=0):
+    def forward(self, x, rope=None, cache=None, layer=0, attn_mask=None):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)                                                    # (B, T, 3C)
@@ -121,7 +121,7 @@ class CausalSelfAttention(Module):
         if cache is not None:  # sampling: no graph, extend the cache
             k_all, v_all = cache.update(layer, k.data, v.data)
             k, v = Tensor(k_all, _check=False), Tensor(v_all, _check=False)
-        y = F.scaled_dot_product_attention(q, k, v)                             # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)        # (B, nh, T, hs)
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)                              # (B, T, C)
         return self.c_proj(y)
 
@@ -155,8 +155,8 @@ class Block(Module):
         self.drop_1 = Dropout(config.dropout, dropout_rngs[0])  # one module per call site: each
         self.drop_2 = Dropout(config.dropout, dropout_rngs[1])  # draws its own (layer-keyed) masks
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.drop_1(self.attn(self.ln_1(x), rope, cache, layer))
+    def forward(self, x, rope=None, cache=None, layer=0, attn_mask=None):
+        x = x + self.drop_1(self.attn(self.ln_1(x), rope, cache, layer, attn_mask))
         return x + self.drop_2(self.mlp(self.ln_2(x)))
 
 
@@ -211,22 +211,27 @@ class GPT(Module):
             return None
         return rope_tables(self.config.head_size, numpy.arange(start_pos, start_pos + T), dtype=dtype)
 
-    def run_blocks(self, x, start=0, stop=None, rope=None, cache=None):
+    def run_blocks(self, x, start=0, stop=None, rope=None, cache=None, attn_mask=None):
+        """Blocks start..stop; ``attn_mask`` (boolean, broadcasting to (B, nh, T, T_all)) is
+        applied on top of the causal mask in every block."""
         blocks = list(self.transformer.h)[start:stop]
         for i, block in enumerate(blocks):
-            x = block(x, rope, cache, start + i)
+            x = block(x, rope, cache, start + i, attn_mask)
         return x
 
     def head(self, x):
         """Final norm and output projection: x (B, T, C) -> logits (B, T, V)."""
         return self.lm_head(self.transformer.ln_f(x))
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, attn_mask=None):
+        """idx (B, T) -> (logits (B, T, V), loss or None). ``targets`` equal to -100 count for
+        nothing in the loss; ``attn_mask`` (see run_blocks), e.g. ``document_mask(doc_ids)`` for
+        packed sequences."""
         idx = _ids(idx)
         start = cache.length if cache is not None else 0
         x = self.embed(idx, start)
         rope = self.rope_for(idx.shape[1], start, dtype=str(x.dtype))
-        x = self.run_blocks(x, rope=rope, cache=cache)
+        x = self.run_blocks(x, rope=rope, cache=cache, attn_mask=_mask(attn_mask))
         logits = self.head(x)
         loss = None if targets is None else F.cross_entropy(logits, _ids(targets))
         return logits, loss
@@ -278,6 +283,23 @@ def _sample(logits, temperature, top_k, rng):
     probs /= probs.sum(axis=1, keepdims=True)
     u = rng.random(logits.shape[0])[:, None]
     return numpy.minimum((numpy.cumsum(probs, axis=1) < u).sum(axis=1), logits.shape[1] - 1)
+
+
+def _mask(mask):
+    if mask is None or backend.is_array(mask):
+        return mask
+    return backend.asarray(numpy.asarray(mask, dtype=bool))
+
+
+def document_mask(doc_ids):
+    """Attention mask for packed sequences: doc_ids (B, T) integers (the document each token
+    belongs to) -> boolean (B, 1, T, T), True where query i and key j are in the same document.
+    Combined with the causal mask, each token attends only to earlier tokens of its own document,
+    as if every document had its own row."""
+    ids = _ids(doc_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"document_mask: doc_ids must be (B, T), got shape {ids.shape}")
+    return ids[:, None, :, None] == ids[:, None, None, :]                      # (B, 1, T, T)
 
 
 def _ids(idx):
