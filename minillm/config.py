@@ -164,6 +164,7 @@ class TrainConfig(_Section):
     decay_frac: float = 0.2       # wsd: the last fraction of steps that decays
     optimizer: str = "adamw"      # "adamw" | "sgd"
     weight_decay: float = 0.1
+    no_decay: str = "ndim<2"      # parameters spared from weight decay: "ndim<2" and/or name patterns (optim/groups.py)
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8

@@ -41,7 +41,7 @@ from minillm.backend import xp
 from minillm.distributed.ring import chunk_bounds
 from minillm.errors import UserError
 from minillm.optim.adamw import AdamW
-from minillm.optim.optimizer import named_parameters
+from minillm.optim.optimizer import default_decay, flatten_groups
 
 _STATE_TAG = 7100  # the moments' shards travelling to rank 0 for a checkpoint
 
@@ -159,12 +159,13 @@ class ParamSlice:
     """What AdamW sees of one parameter on one rank: a flat slice of its weight and gradient.
 
     ``data`` is a view into the parameter (updating it updates the weight); ``grad`` is read from
-    the parameter at step time. ``decay`` says whether the whole parameter is weight-decayed.
+    the parameter at step time. ``decay`` says whether the whole parameter is weight-decayed
+    (by default: a matrix is; see optim/groups.py).
     """
 
-    def __init__(self, param, start: int, stop: int):
+    def __init__(self, param, start: int, stop: int, decay=None):
         self.param, self.start, self.stop = param, start, stop
-        self.decay = param.data.ndim >= 2
+        self.decay = default_decay(param) if decay is None else decay
         self.data = param.data.reshape(-1)[start:stop]
 
     @property
@@ -184,7 +185,8 @@ class ZeroAdamW(AdamW):
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.master_names, self.masters = named_parameters(params, "ZeroAdamW")
+        self.master_names, self.masters, decay = flatten_groups(params, "ZeroAdamW")
+        decay = decay or [None] * len(self.masters)
         self.comm = comm
         self.layout = ShardLayout([p.data.size for p in self.masters], comm.size)
         self.flat = flatten_params_(self.masters)
@@ -192,7 +194,7 @@ class ZeroAdamW(AdamW):
         if not pieces:
             raise UserError(f"the model has {self.layout.total} parameters, too few to shard over "
                             f"{comm.size} ranks; use parallel.zero=0")
-        slices = [(f"{self.master_names[i]}[{a}:{b}]", ParamSlice(self.masters[i], a, b))
+        slices = [(f"{self.master_names[i]}[{a}:{b}]", ParamSlice(self.masters[i], a, b, decay[i]))
                   for i, a, b, _ in pieces]
         super().__init__(slices, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.owners = [self.master_names[i] for i, _, _, _ in pieces]  # each slice's parameter name

@@ -22,6 +22,8 @@ class GPTConfig:
     mlp: str = "gelu"            # "gelu" | "swiglu"
     pos: str = "learned"         # "learned" | "rope"
     tie_embeddings: bool = True
+    d_ff: int = 0                # MLP hidden width; 0 = derived (4C for gelu, ~8C/3 for swiglu)
+    rope_theta: float = 10000.0  # RoPE base: the longest wavelength grows with it (Llama 3: 500000)
 
     def __post_init__(self):
         if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
@@ -38,6 +40,10 @@ class GPTConfig:
                               f"{self.n_embd // self.n_head}")
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not isinstance(self.d_ff, int) or isinstance(self.d_ff, bool) or self.d_ff < 0:
+            raise ConfigError(f"model.d_ff={self.d_ff!r} must be an integer >= 0 (0: derived from n_embd)")
+        if not 0 < float(self.rope_theta) < float("inf"):
+            raise ConfigError(f"model.rope_theta={self.rope_theta!r} must be a positive number, e.g. 10000")
         _choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _choice("mlp", self.mlp, ("gelu", "swiglu"))
         _choice("pos", self.pos, ("learned", "rope"))
@@ -48,6 +54,8 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.d_ff:
+            return self.d_ff
         if self.mlp == "gelu":
             return 4 * self.n_embd
         return ((8 * self.n_embd // 3) + 7) // 8 * 8  # SwiGLU: ~2/3 of 4C, so parameters match
@@ -209,7 +217,8 @@ class GPT(Module):
     def rope_for(self, T, start_pos=0, dtype="float32"):
         if self.config.pos != "rope":
             return None
-        return rope_tables(self.config.head_size, numpy.arange(start_pos, start_pos + T), dtype=dtype)
+        return rope_tables(self.config.head_size, numpy.arange(start_pos, start_pos + T),
+                           base=self.config.rope_theta, dtype=dtype)
 
     def run_blocks(self, x, start=0, stop=None, rope=None, cache=None, attn_mask=None):
         """Blocks start..stop; ``attn_mask`` (boolean, broadcasting to (B, nh, T, T_all)) is

@@ -12,13 +12,14 @@ Typical use in a training step::
 """
 from minillm.optim.adamw import AdamW
 from minillm.optim.clip import clip_grad_norm, global_grad_norm, grad_square_sum, scale_grads
+from minillm.optim.groups import DEFAULT_NO_DECAY, param_groups
 from minillm.optim.optimizer import Optimizer
 from minillm.optim.schedules import (SCHEDULES, check_schedule, constant_lr, cosine_lr, get_lr,
                                      inv_sqrt_lr, warmup_lr, wsd_lr)
 from minillm.optim.sgd import SGD
 
 __all__ = [
-    "AdamW", "SGD", "Optimizer",
+    "AdamW", "SGD", "Optimizer", "param_groups", "DEFAULT_NO_DECAY",
     "clip_grad_norm", "global_grad_norm", "grad_square_sum", "scale_grads",
     "get_lr", "check_schedule", "SCHEDULES",
     "warmup_lr", "constant_lr", "cosine_lr", "wsd_lr", "inv_sqrt_lr",

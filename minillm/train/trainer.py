@@ -27,7 +27,7 @@ from minillm.config import check_layout, config_to_dict, data_dir, save_config
 from minillm.data import BatchSampler, TokenDataset, ensure_dataset, load_tokenizer, read_meta
 from minillm.errors import UserError
 from minillm.model import GPT
-from minillm.optim import SGD, AdamW, clip_grad_norm, get_lr
+from minillm.optim import SGD, AdamW, clip_grad_norm, get_lr, param_groups
 from minillm.train.flops import flops_per_token, matmul_params, measure_matmul_peak
 from minillm.train.metrics import MetricsLog, format_line
 
@@ -104,6 +104,7 @@ def zero_sharded(cfg, comm) -> bool:
 def make_optimizer(cfg, params, comm=None):
     """The optimizer over ``params`` (the master weights); under ZeRO-1 it holds this rank's shard."""
     t = cfg.train
+    params = param_groups(params, t.no_decay, strict=cfg.parallel.pp == 1)  # a stage has only its part
     if t.optimizer == "sgd":
         return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
