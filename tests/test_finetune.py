@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import minillm.functional as F
 from minillm import backend
 from minillm.autograd.tensor import Tensor, no_grad
 from minillm.checkpoint import load_checkpoint

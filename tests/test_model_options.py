@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minillm.autograd.tensor import no_grad
-from minillm.config import Config, ParallelConfig, TrainConfig, load_config
+from minillm.config import Config, TrainConfig, load_config
 from minillm.distributed.comm import SerialComm
 from minillm.distributed.zero import ZeroAdamW
 from minillm.errors import ConfigError

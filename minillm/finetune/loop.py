@@ -9,6 +9,7 @@ precision objects, save_checkpoint) and writes its own run directory:
     finetune.json   base checkpoint (path, sha256), data, template tokens, LoRA settings, sizes
     tokenizer.json  the base tokenizer plus the chat template's tokens
     metrics.jsonl   step, loss, lr, grad_norm, tokens_per_s; val_loss on evaluation steps
+    summary.json    at the end: steps, seconds, losses, trainable share, optimizer state, peak RSS
     ckpt_XXXXXXX.h5 (full fine-tuning: a normal checkpoint, so eval / sample just work) or
     lora_XXXXXXX.h5 (LoRA: the adapters alone; --merge also writes the merged ckpt)
 """
@@ -204,6 +205,7 @@ class Finetuner:
                    **{f"{k}_parameters" if k != "share" else "trainable_share": v for k, v in r.items()},
                    "optimizer_state_mb": sum(a.nbytes for s in self.optimizer.state.values() for a in s.values()) / 2**20,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         self.log(f"done: {self.step} steps in {seconds:.1f}s, saved {path}")
         return summary
 
