@@ -223,3 +223,20 @@ def test_finetune_command_errors_are_one_line(base_run, chat_file, tmp_path, cap
     code = main(["finetune", str(base_run), "--data", str(chat_file), "--out", str(tmp_path / "bad"), *args])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+
+
+def test_adapters_refuse_a_missing_or_changed_base(base_run, chat_file, tmp_path):
+    import shutil
+    base = tmp_path / "base" / "ckpt.h5"
+    base.parent.mkdir()
+    shutil.copy(sorted(base_run.glob("ckpt_*.h5"))[-1], base)
+    shutil.copy(base_run / "tokenizer.json", base.parent / "tokenizer.json")
+    adapter = Path(finetuner(base, chat_file, tmp_path / "lora", lora_rank=2).run()["checkpoint"])
+    load_adapted(adapter)                                   # the same base: fine
+    with open(base, "ab") as f:
+        f.write(b"\0")                                      # the base changed after training
+    with pytest.raises(UserError, match="changed since the adapters were trained"):
+        load_adapted(adapter)
+    base.unlink()
+    with pytest.raises(UserError, match="its base checkpoint .* is missing"):
+        load_adapted(adapter)
