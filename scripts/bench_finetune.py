@@ -1,7 +1,7 @@
 """Benchmark: pretrain on the embedded pydocs text, then fine-tune on 2-digit addition, fully and
 with LoRA; exact match before and after, trainable share, time and memory.
 
-    python scripts/bench_finetune.py [--out runs/bench_ft] [--pretrain-steps 2000] [--sft-steps 1000]
+    python scripts/bench_finetune.py [--out runs/bench_ft] [--pretrain-steps 1500] [--sft-steps 1000]
                                      [--lora-steps 1000] [--lora-rank 8] [--results FILE.json]
 
 Every stage is a real `minillm` command in its own process (so peak RSS is that stage's), and a
@@ -51,7 +51,7 @@ def curve(run_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_ft")
-    ap.add_argument("--pretrain-steps", type=int, default=2000)
+    ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--sft-steps", type=int, default=1000)
     ap.add_argument("--lora-steps", type=int, default=1000)
     ap.add_argument("--lora-rank", type=int, default=8)
