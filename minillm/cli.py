@@ -88,6 +88,11 @@ def build_parser():
     s.add_argument("--no-pack", action="store_true", help="one chat per row instead of packed rows")
     s.add_argument("--val-fraction", type=float, default=0.05, help="examples held out for val_loss")
     s.add_argument("--merge", action="store_true", help="LoRA: also save the merged full checkpoint")
+    s.add_argument("--grpo", action="store_true", help="reinforcement learning instead of SFT: sample "
+                   "answers, reward exact matches, group baseline (start from a fine-tuned model)")
+    s.add_argument("--group", type=int, default=8, help="GRPO: answers sampled per prompt")
+    s.add_argument("--prompts", type=int, default=16, help="GRPO: prompts per step")
+    s.add_argument("--temperature", type=float, default=1.0, help="GRPO: sampling temperature")
 
     s = sub.add_parser("plot", help="PNG of loss, val loss, lr and grad norm (or the pipeline timeline)")
     s.add_argument("run_dir")
@@ -166,10 +171,15 @@ def _eval(args):
 
 
 def _finetune(args, overrides):
-    from minillm.finetune.loop import FinetuneOptions, finetune
+    from minillm.finetune.loop import FinetuneOptions, Finetuner
     opts = FinetuneOptions(args.data, args.out, args.lora_rank, args.lora_alpha, args.lora_targets,
                            not args.no_pack, args.val_fraction, args.merge)
-    finetune(args.path, opts, overrides)
+    if args.grpo:
+        from minillm.finetune.grpo import GroupRL
+        GroupRL(args.path, opts, overrides, group=args.group, prompts=args.prompts,
+                temperature=args.temperature).run()
+    else:
+        Finetuner(args.path, opts, overrides).run()
     return 0
 
 

@@ -158,6 +158,10 @@ class Finetuner:
         self.model.zero_grad()
         return float(loss.data), lr, grad_norm, int((y >= 0).sum())
 
+    def step_metrics(self):
+        """Extra fields for this step's metrics record (a subclass's, e.g. GRPO's reward)."""
+        return {}
+
     def save(self):
         masters = {n: p.data for n, p in self.precision.master_params}
         if self.lora:
@@ -194,10 +198,12 @@ class Finetuner:
                 dt = (now - last) / (self.step - last_step)
                 rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_step": 1000 * dt,
                        "tokens_per_s": t.batch_size * self.cfg.model.block_size / dt, "trained_tokens": trained_tokens}
+                extra = self.step_metrics()
+                rec.update(extra)
                 if is_eval:
                     rec["val_loss"] = val = self.val_loss()
                 metrics.write(rec)
-                self.log(format_line(rec))
+                self.log(format_line(rec) + "".join(f" | {k} {v:.3f}" for k, v in extra.items()))
                 last, last_step = time.perf_counter(), self.step
         seconds = time.perf_counter() - start
         path = self.save()
