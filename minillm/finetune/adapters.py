@@ -73,8 +73,9 @@ def load_adapted(path, device=None, merge=True):
     model, _, _ = load_model(base, device)
     cfg = config_from_dict(state["config"])
     grow_vocab(model, cfg.model.vocab_size - model.config.vocab_size, seed=cfg.train.seed)
+    first_new = meta["new_tokens_from"]
     apply_lora(model, meta["targets"], int(meta["rank"]), float(meta["alpha"]),
-               new_tokens_from=int(meta["new_tokens_from"]))
+               new_tokens_from=None if first_new is None else int(first_new))
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     load_params(trained, state["adapters"], f"adapter file {path}")
     if merge:

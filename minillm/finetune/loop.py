@@ -84,12 +84,14 @@ class Finetuner:
         from minillm.train.inference import load_model, load_run_tokenizer
         self.log, self.opts = log, opts
         model, cfg, self.base = load_model(ckpt)
-        base_vocab = model.config.vocab_size
-        self.tok = chat_tokenizer(load_run_tokenizer(self.base, cfg))
+        base_tok = load_run_tokenizer(self.base, cfg)
+        self.tok = chat_tokenizer(base_tok)
+        # ids from here on are tokens this fine-tune adds (None: the base had them all already)
+        first_new = base_tok.vocab_size if self.tok.vocab_size > base_tok.vocab_size else None
         kind = f"lora{opts.lora_rank}" if opts.lora_rank else "sft"
         out_dir = opts.out_dir or str(Path("runs") / f"{Path(self.base).parent.name}_{kind}")
         cfg = _train_config(cfg, overrides, out_dir)
-        grow_vocab(model, self.tok.vocab_size - base_vocab, seed=cfg.train.seed)
+        grow_vocab(model, self.tok.vocab_size - model.config.vocab_size, seed=cfg.train.seed)
         self.cfg = cfg = dataclasses.replace(cfg, model=model.config)
         t = cfg.train
         examples = _examples(opts.data, self.tok, cfg.model.block_size, t.seed)
@@ -97,9 +99,9 @@ class Finetuner:
         self.lora = None
         if opts.lora_rank:
             targets = [s.strip() for s in opts.lora_targets.split(",") if s.strip()]
-            names = apply_lora(model, targets, opts.lora_rank, opts.lora_alpha or None, t.seed, new_tokens_from=base_vocab)
+            names = apply_lora(model, targets, opts.lora_rank, opts.lora_alpha or None, t.seed, new_tokens_from=first_new)
             alpha = opts.lora_alpha or 2.0 * opts.lora_rank
-            self.lora = {"rank": opts.lora_rank, "alpha": alpha, "targets": names, "new_tokens_from": base_vocab}
+            self.lora = {"rank": opts.lora_rank, "alpha": alpha, "targets": names, "new_tokens_from": first_new}
         self.model = model.train()
         self.report = parameter_report(model)
         self.precision = make_precision(t, trainable_parameters(model))
