@@ -44,6 +44,7 @@ def exact_match(path, fmt):
 def curve(run_dir):
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
+            "reward": [r["reward"] for r in rows if "reward" in r],
             "val_step": [r["step"] for r in rows if "val_loss" in r],
             "val_loss": [r["val_loss"] for r in rows if "val_loss" in r]}
 
@@ -59,6 +60,10 @@ def main():
     ap.add_argument("--sft-lr", default="1e-3")
     ap.add_argument("--lora-lr", default="3e-3")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--grpo-from", type=int, default=0, help="also: SFT this many steps, then N more steps "
+                    "of SFT against N steps of --grpo from there (0: skip)")
+    ap.add_argument("--grpo-steps", type=int, default=200)
+    ap.add_argument("--grpo-lr", default="2e-4")
     ap.add_argument("--results", default="lessons/results/finetune_bench.json")
     args = ap.parse_args()
     out = (REPO / args.out).resolve()
@@ -79,6 +84,20 @@ def main():
                     "--train.eval_interval=100", "--train.log_interval=20")
         summary = json.loads((run / "summary.json").read_text())
         results[name] = dict(summary, exact_match=exact_match(run, "chat"), lr=float(lr), curve=curve(run))
+    if args.grpo_from:
+        start = out / f"sft{args.grpo_from}"
+        stages = {f"sft{args.grpo_from}": (base, start, args.grpo_from, args.sft_lr, []),
+                  "then_sft": (start, out / "then_sft", args.grpo_steps, args.sft_lr, []),
+                  "then_grpo": (start, out / "then_grpo", args.grpo_steps, args.grpo_lr, ["--grpo"])}
+        for name, (src, run, steps, lr, extra) in stages.items():
+            if not (run / "summary.json").exists():
+                minillm("finetune", src, "--data", "add2", "--out", run, *extra, f"--train.max_steps={steps}",
+                        f"--train.lr={lr}", f"--train.min_lr={float(lr) / 10}",
+                        f"--train.batch_size={args.batch_size}", "--train.eval_interval=100", "--train.log_interval=20")
+            summary = json.loads((run / "summary.json").read_text())
+            results[name] = dict(summary, exact_match=exact_match(run, "chat"), lr=float(lr), from_run=src.name,
+                                 curve=curve(run))
+        results["rl_runs"] = list(stages)
     results["load_after"] = os.getloadavg()
     path = REPO / args.results
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +110,10 @@ def main():
         print(f"| {name} | {r['steps']} | {r['trainable_parameters']:,} | {100 * r['trainable_share']:.2f}% | "
               f"{100 * r['exact_match']:.1f}% | {r['seconds']:.0f} | {r['optimizer_state_mb']:.1f} MB | "
               f"{r['peak_rss_mb']:.0f} MB |")
+    for name in results.get("rl_runs", []):
+        r = results[name]
+        print(f"{name} (from {r['from_run']}): {r['steps']} steps, lr {r['lr']:g}, exact match "
+              f"{100 * r['exact_match']:.1f}%, {r['seconds']:.0f} s")
     print(f"load average before {results['load_before']}, after {results['load_after']}; wrote {path}")
 
 

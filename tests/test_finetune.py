@@ -123,6 +123,20 @@ def test_grow_vocab_keeps_every_old_logit(base_run):
 
 
 # ------------------------------------------------------------------ LoRA
+@pytest.mark.parametrize("bias,frozen", [(True, False), (False, True)])
+def test_fused_lora_linear_gradcheck_against_the_formula(bias, frozen):
+    from minillm.autograd.gradcheck import gradcheck
+    rng = np.random.default_rng(3)
+    x, w, b, a, bm = (rng.standard_normal(s) for s in ((2, 3, 5), (4, 5), (4,), (2, 5), (4, 2)))
+    t = [Tensor(backend.asarray(v.copy()), requires_grad=not (frozen and i in (1, 2))) for i, v in enumerate((x, w, b, a, bm))]
+    fn = lambda x_, w_, b_, a_, bm_: F.lora_linear(x_, w_, b_ if bias else None, a_, bm_, 1.5)  # noqa: E731
+    assert gradcheck(fn, t).ok
+    want = x @ w.T + (b if bias else 0) + 1.5 * (x @ a.T) @ bm.T
+    np.testing.assert_allclose(fn(*[Tensor(backend.asarray(v)) for v in (x, w, b, a, bm)]).numpy(), want, rtol=1e-12)
+    if frozen:
+        assert t[1].grad is None and t[2].grad is None
+
+
 def test_lora_starts_as_the_base_and_merged_equals_unmerged():
     model = GPT(GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, mlp="swiglu"), seed=0)
     idx = np.random.default_rng(1).integers(0, 17, (2, 8))

@@ -42,10 +42,9 @@ class LoRALinear(Module):
         self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
-        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale   # (..., r) -> (..., out)
+            return F.linear(x, self.weight, self.bias)
+        return F.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)  # (..., out)
 
     def delta(self):
         """The update (alpha / r) B A as an array of W's shape (out, in)."""
