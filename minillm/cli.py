@@ -1,4 +1,4 @@
-"""The `minillm` command: prepare | train | sample | eval | finetune | plot | inspect | bench.
+"""The `minillm` command: prepare | train | sample | eval | finetune | plot | inspect | quantize | serve | bench.
 
 Exit codes: 0 done, 2 a user error (one line on stderr, no traceback), 1 a bug. Under mpirun
 every rank runs this same entry point; an error on any rank ends the whole job.
@@ -18,6 +18,8 @@ _EPILOG = """examples:
   minillm finetune runs/pydocs_char --data add2 --lora-rank 8 --train.max_steps=300
   minillm plot runs/pydocs_char
   minillm inspect runs/pydocs_char/ckpt_0001000.h5
+  minillm quantize runs/pydocs_char --bits 4 --group-size 32
+  minillm serve runs/pydocs_char --port 8000      # then open http://127.0.0.1:8000/
 """
 
 
@@ -102,6 +104,24 @@ def build_parser():
     s = sub.add_parser("inspect", help="describe a checkpoint: step, config, every tensor")
     s.add_argument("checkpoint")
 
+    s = sub.add_parser("quantize", help="weight-only int8 / int4 copy of a checkpoint (HDF5)")
+    s.add_argument("path", help="a run directory or a checkpoint .h5 file")
+    s.add_argument("--bits", type=int, default=8, help="8 (per-channel int8) or 4 (int4 in groups)")
+    s.add_argument("--group-size", type=int, default=None, help="inputs per int4 scale (default 32)")
+    s.add_argument("--out", default=None, help="output file (default CKPT.int8.h5 / CKPT.int4-gG.h5)")
+    s.add_argument("--eval", action="store_true", help="also print val loss before and after")
+
+    s = sub.add_parser("serve", help="HTTP server: completions, streaming (SSE), a chat page at /")
+    s.add_argument("path", help="a run directory, a checkpoint or a quantized .h5 file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default=None, help="cpu | gpu (default: cpu)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the batch (more: 429)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="default: block_size")
+    s.add_argument("--max-new-tokens", type=int, default=512, help="the most a request may ask for")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+
     s = sub.add_parser("bench", help="time forward / backward / optimizer of a config")
     s.add_argument("config", nargs="?", default=None)
     s.add_argument("--steps", type=int, default=10)
@@ -113,7 +133,8 @@ def build_parser():
 
 def _train(args, overrides, state):
     from minillm.config import load_config
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     comm = get_world_comm()
     state["comm"] = comm
     cfg = load_config(args.config, overrides)  # the same on every rank: errors are reported once
@@ -196,8 +217,19 @@ def _inspect(args):
     return 0
 
 
+def _quantize(args):
+    from minillm.infer.commands import quantize_command
+    quantize_command(args.path, args.bits, args.group_size, args.out, args.eval)
+    return 0
+
+
+def _serve(args):
+    from minillm.infer.server import serve_command
+    return serve_command(args)
+
+
 def _bench(args, overrides):
-    from minillm.bench import run_bench
+    from minillm.perf.bench import run_bench
     if args.steps < 1:
         raise UserError(f"--steps={args.steps} must be >= 1")
     run_bench(args.config, overrides, steps=args.steps, with_torch=args.torch, threads=args.threads,
@@ -223,11 +255,11 @@ def main(argv=None):
         if args.command == "finetune":
             return _finetune(args, extra)
         return {"prepare": _prepare, "sample": _sample, "eval": _eval, "plot": _plot,
-                "inspect": _inspect}[args.command](args)
+                "inspect": _inspect, "quantize": _quantize, "serve": _serve}[args.command](args)
     except UserError as e:
         comm = state["comm"]
         if comm is not None and comm.size > 1 and state["phase"] == "run":
-            from minillm.distributed.comm import exit_with_error
+            from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
         if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
@@ -238,7 +270,7 @@ def main(argv=None):
     except Exception as e:
         comm = state["comm"]
         if comm is not None and comm.size > 1:
-            from minillm.distributed.comm import exit_with_error
+            from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)
         raise
 

@@ -64,7 +64,7 @@ def main():
                     "of SFT against N steps of --grpo from there (0: skip)")
     ap.add_argument("--grpo-steps", type=int, default=200)
     ap.add_argument("--grpo-lr", default="2e-4")
-    ap.add_argument("--results", default="lessons/results/finetune_bench.json")
+    ap.add_argument("--results", default="lessons/data/finetune_results.json")
     args = ap.parse_args()
     out = (REPO / args.out).resolve()
     base = out / "base"

@@ -78,3 +78,14 @@ def minillm_cli():
 
     run.popen = popen
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, char_data, minillm_cli):
+    """A finished 20-step run of configs/tiny.toml (its directory): a real checkpoint and tokenizer
+    for the inference tests (quantize, generate, serve, the chat page)."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    r = minillm_cli("train", REPO / "configs" / "tiny.toml", f"--data.dir={char_data}",
+                    "--train.out_dir=run", "--train.max_steps=20", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return cwd / "run"

@@ -18,7 +18,8 @@ import pytest
 from mpi_util import output, run_mpi
 
 from minillm.distributed import comm as comm_mod
-from minillm.distributed.comm import SerialComm, get_world_comm, install_abort_handler, require_mpi
+from minillm.distributed.comm import SerialComm, get_world_comm, require_mpi
+from minillm.distributed.launch import install_abort_handler
 from minillm.distributed.ring import chunk_bounds, ring_allreduce_
 from minillm.errors import UserError
 

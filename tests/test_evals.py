@@ -3,7 +3,6 @@ right padding, length-normalised multiple choice, exact match with a stop string
 tasks (seeded, train and test disjoint), and `minillm eval --task` end to end."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from minillm.evals import continuation_logprobs, load_task, run_task, text_loss
 from minillm.evals.tasks import Task, addition_rows, cloze_rows, copy_rows, train_rows
 from minillm.model import GPT, GPTConfig
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 TEXT = "Größe: naïve café. " * 6 + "the end"
 
 
@@ -127,17 +125,7 @@ def test_bad_task_files_are_named(tmp_path):
         load_task("exact")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(char_data, tmp_path_factory):
-    from minillm.config import load_config
-    from minillm.train.trainer import train
-    out = tmp_path_factory.mktemp("evalrun") / "run"
-    train(load_config(TINY_CONFIG, [f"--data.dir={char_data}", f"--train.out_dir={out}", "--train.max_steps=4",
-                                    "--train.sample_tokens=0"]), log=lambda msg: None)
-    return out
-
-
-def test_eval_tasks_from_the_command_line(tiny_run, tmp_path, minillm_cli, capsys):
+def test_eval_tasks_from_the_command_line(tiny_run, tmp_path, minillm_cli, capsys):  # tiny_run: conftest.py
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)
     exact = tmp_path / "ex.jsonl"

@@ -10,7 +10,7 @@ from minillm.distributed.zero import ZeroAdamW
 from minillm.errors import ConfigError
 from minillm.model import GPT, GPTConfig
 from minillm.optim import SGD, AdamW, param_groups
-from minillm.train.trainer import make_optimizer
+from minillm.train.build import build_engine
 
 SMALL = dict(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
@@ -40,7 +40,7 @@ def test_d_ff_and_rope_theta_from_toml_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("kw,words", [(dict(d_ff=-1), "model.d_ff=-1"), (dict(d_ff=2.5), "model.d_ff"),
-                                      (dict(rope_theta=0.0), "model.rope_theta=0.0"),
+                                      (dict(rope_theta=0.0), "model.rope_theta=0 must be > 0"),
                                       (dict(rope_theta=float("nan")), "model.rope_theta")])
 def test_bad_options_are_named(kw, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
@@ -105,11 +105,12 @@ def test_no_decay_patterns_spare_exactly_the_named_parameters(opt_cls):
     assert _decayed(everything) == set(everything.names)
 
 
-def test_make_optimizer_reads_train_no_decay_and_zero_adamw_follows_the_groups():
+def test_the_engine_builds_its_optimizer_with_train_no_decay_and_zero_adamw_follows_the_groups():
     model_cfg = GPTConfig(**SMALL)
     cfg = Config(model=model_cfg, train=TrainConfig(no_decay="ndim<2,transformer.wte.weight"))
-    named = list(GPT(model_cfg, seed=0).named_parameters())
-    opt = make_optimizer(cfg, named)
+    model = GPT(model_cfg, seed=0)
+    named = list(model.named_parameters())
+    opt = build_engine(cfg, model, SerialComm()).make_optimizer(cfg.train)
     assert dict(zip(opt.names, opt._decay)) == {n: p.data.ndim >= 2 and n != "transformer.wte.weight"
                                                 for n, p in named}
     one = list(GPT(model_cfg, seed=0).named_parameters())
@@ -123,6 +124,15 @@ def test_make_optimizer_reads_train_no_decay_and_zero_adamw_follows_the_groups()
     a.step()
     for (n, p), (_, q) in zip(one, ref):
         np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+
+
+def test_a_run_with_a_pattern_matching_nothing_stops_before_training(char_data, tmp_path):
+    from minillm.train.trainer import train
+    cfg = load_config(None, [f"--data.dir={char_data}", f"--train.out_dir={tmp_path}", "--model.n_layer=1",
+                             "--train.no_decay=ndim<2,*.c_atn.weight"])
+    with pytest.raises(ConfigError, match=r"pattern '\*\.c_atn\.weight' matches no parameter"):
+        train(cfg, log=lambda msg: None)
+    assert not list(tmp_path.glob("ckpt_*"))
 
 
 def test_a_pattern_matching_nothing_is_an_error():

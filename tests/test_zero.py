@@ -22,14 +22,15 @@ from test_dp_train import (EVERY, assert_same_curve, assert_same_weights, error_
 
 from minillm.checkpoint import load_checkpoint
 from minillm.config import Config, ParallelConfig, TrainConfig, apply_overrides
-from minillm.distributed.comm import SerialComm, get_world_comm, install_abort_handler
+from minillm.distributed.comm import SerialComm, get_world_comm
+from minillm.distributed.launch import install_abort_handler
 from minillm.distributed.zero import ShardLayout, ZeroAdamW, ZeroSync, optimizer_state_nbytes
 from minillm.errors import ConfigError, UserError
 from minillm.model import GPT, GPTConfig
 from minillm.nn import Parameter
 from minillm.optim import AdamW, clip_grad_norm
 from minillm.train.metrics import read_metrics
-from minillm.train.trainer import make_optimizer
+from minillm.train.build import make_grad_sync
 
 HERE = Path(__file__).resolve()
 
@@ -38,14 +39,6 @@ HERE = Path(__file__).resolve()
 SHAPES = [("a.weight", (7, 5)), ("a.bias", (7,)), ("b.weight", (3, 11)), ("ln.weight", (13,)),
           ("c.weight", (4, 6))]
 HYPER = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-
-class _Model:
-    def __init__(self, named):
-        self.named = named
-
-    def named_parameters(self):
-        return list(self.named)
 
 
 def make_params(seed=0):
@@ -79,8 +72,7 @@ def zero_step(comm, named, sync, opt, step):
     for (_, p), g in zip(named, local_grads(step, comm.rank)):
         p.grad = g
     sync.finish_gradient_sync()
-    norm = clip_grad_norm([p for _, p in named], 1.0,
-                          reduce=lambda sq: comm.allreduce_scalar(sq, "sum"))
+    norm = clip_grad_norm([p for _, p in named], 1.0, reduce=sync.grad_sq_reduce)
     opt.step(lr=1e-2 / (step + 1))
     opt.zero_grad()
     return norm
@@ -124,7 +116,7 @@ def worker_optimizer():
     ref_named = make_params()
     ref = AdamW(ref_named, lr=1e-2, **HYPER)
     named = make_params()
-    sync = ZeroSync(_Model(named), comm)
+    sync = ZeroSync(named, comm)
     opt = ZeroAdamW(named, comm, lr=1e-2, **HYPER)
     assert {s.decay for s in opt.params} == {True, False}
     clipped = 0
@@ -151,7 +143,7 @@ def worker_optimizer():
     else:
         assert sd["state"] == {}
     fresh = [(n, Parameter(w.data.copy())) for n, w in ref_named]
-    sync2, opt2 = ZeroSync(_Model(fresh), comm), ZeroAdamW(fresh, comm, lr=0.5)
+    sync2, opt2 = ZeroSync(fresh, comm), ZeroAdamW(fresh, comm, lr=0.5)
     opt2.load_state_dict(want)
     assert opt2.step_count == 6 and opt2.betas == (0.9, 0.95)
     for step in range(6, 8):
@@ -167,13 +159,16 @@ def worker_optimizer():
     except UserError as e:
         assert "b.weight" in str(e) and "(11, 3)" in str(e), e
 
-    # an inf in rank 0's local gradient lands in the last rank's shard: every rank must see it
+    # an inf in rank 0's local gradient lands in the last rank's shard only; the overflow
+    # decision is an explicit all-reduce of the flag, so every rank takes it
     for _, q in named:
         q.grad = np.zeros_like(q.data)
     if r == 0:
         named[-1][1].grad[-1, -1] = np.inf
     sync.finish_gradient_sync()
-    assert not all(np.isfinite(q.grad).all() for _, q in named)
+    mine = not all(np.isfinite(q.grad).all() for _, q in named)
+    assert mine == (r == p - 1), (r, mine)  # the inf sits in the owner's shard, nowhere else
+    assert sync.agree(mine), f"rank {r} would step after an overflow on rank {p - 1}"
     print("optimizer ok", flush=True)
 
 
@@ -190,8 +185,9 @@ def worker_memory():
         tracemalloc.start()  # before the model: ZeroAdamW frees its weight arrays (see flatten)
         model = GPT(model_cfg, seed=1)
         params = list(model.named_parameters())
+        sync = make_grad_sync(cfg.parallel, params, comm)  # the one place that picks ZeRO or not
         before = tracemalloc.get_traced_memory()[0]
-        opt = make_optimizer(cfg, params, comm)
+        opt = sync.make_optimizer(cfg.train, params)
         kept = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         assert type(opt) is (ZeroAdamW if zero else AdamW)

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy
 
 from minillm import backend
+from minillm.choices import DTYPES as DTYPE_NAMES
+from minillm.choices import HALF_DTYPES  # noqa: F401  (re-exported)
 from minillm.errors import UserError
-
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
-HALF_DTYPES = ("float16", "bfloat16")
 
 
 def _bfloat16():

@@ -34,7 +34,15 @@ class Context:
 
 
 class Function:
-    """Base class of every differentiable op (see the module docstring)."""
+    """Base class of every differentiable op (see the module docstring).
+
+    An op whose backward can be cut in two (zero-bubble pipelines, ``tensor.DeferredWeightGrads``)
+    lists in ``weight_inputs`` the inputs whose gradients can wait and defines
+    ``backward_input(ctx, grad)`` (the gradients of the other inputs, None for these) and
+    ``backward_weight(ctx, grad)`` (the gradients of ``weight_inputs``, in that order).
+    """
+
+    weight_inputs = ()
 
     @staticmethod
     def forward(ctx, *args, **kwargs):

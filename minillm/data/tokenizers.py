@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+from minillm.choices import TOKENIZERS
 from minillm.data.bpe_train import train_bpe
 from minillm.data.pretokenize import GPT2_PATTERN, split_specials, split_words
 from minillm.errors import UserError
@@ -25,7 +26,7 @@ from minillm.errors import UserError
 TOKENIZER_FILE = "tokenizer.json"
 ENDOFTEXT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB = 512
-TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+TOKENIZER_KINDS = TOKENIZERS  # the one list: minillm.choices
 
 
 def _write_json_atomic(path: Path, obj) -> None:

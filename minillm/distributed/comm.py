@@ -14,10 +14,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
-import sys
-import threading
-import time
-import traceback
 
 import numpy
 
@@ -275,11 +271,8 @@ class Comm:
         return Comm(self._comm.Split(color, key))
 
     def abort(self, code: int = 1) -> None:
-        """End every process of the job now (MPI_Abort), with exit status ``code``."""
-        _flush_std()
-        # mpiexec forwards our stderr through a pipe; MPI_Abort tears the job down at once, and
-        # the last message (the error we just printed) was sometimes lost: let it drain first
-        time.sleep(0.25)
+        """End every process of the job now (MPI_Abort), with exit status ``code``. Printing the
+        reason first, and letting it drain, is ``launch.exit_with_error``'s job."""
         self._comm.Abort(code)
 
 
@@ -365,60 +358,4 @@ class SerialComm:
         return SerialComm()
 
     def abort(self, code: int = 1) -> None:
-        _flush_std()
         os._exit(code)
-
-
-# --- ending the whole job on an error -----------------------------------------------------------
-def _flush_std():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
-def format_error(comm, exc: BaseException, tb=None) -> tuple[str, int]:
-    """(text for stderr, exit code): a one-line ``error: ...`` (code 2) for a UserError, else the
-    traceback (code 1). With several ranks, every line but rank 0's user error names its rank."""
-    tag = f"[rank {comm.rank}] " if comm.size > 1 else ""
-    if isinstance(exc, UserError):
-        one_line = " ".join(str(exc).split())
-        return f"{tag if comm.rank != 0 else ''}error: {one_line}\n", 2
-    if isinstance(exc, KeyboardInterrupt):
-        return f"{tag}interrupted\n", 130
-    text = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
-    return "".join(tag + line for line in text.splitlines(keepends=True)), 1
-
-
-def exit_with_error(comm, exc: BaseException, tb=None):
-    """Print ``exc`` (see ``format_error``) and end the job: MPI_Abort when there are several
-    ranks (the others may be blocked in a collective; only an abort frees them), else exit."""
-    text, code = format_error(comm, exc, tb)
-    _flush_std()
-    sys.stderr.write(text)
-    _flush_std()
-    if comm.size > 1:
-        comm.abort(code)
-    os._exit(code)
-
-
-def install_abort_handler(comm) -> None:
-    """Make an uncaught exception on any rank, in any thread, end the whole job (never a hang).
-
-    A world of one keeps Python's own handling of bugs (exit code 1) and only turns a UserError
-    into the one-line message with exit code 2.
-    """
-    def hook(exc_type, exc, tb):
-        if comm.size == 1 and not isinstance(exc, UserError):
-            sys.__excepthook__(exc_type, exc, tb)
-            return
-        exit_with_error(comm, exc, tb)
-
-    def thread_hook(args):
-        if args.exc_type is SystemExit:
-            return
-        hook(args.exc_type, args.exc_value, args.exc_traceback)
-
-    sys.excepthook = hook
-    threading.excepthook = thread_hook

@@ -21,6 +21,11 @@ The partition says which parameters a stage holds: stage 0 the embeddings, the l
 final norm and the output head (and, with tied embeddings, its own copy of the token embedding),
 and every stage a contiguous range of blocks: ``parallel.partition`` blocks per stage, or as even
 as possible, left-over blocks going to the earliest stages (the last one also computes the head).
+
+With ``v`` virtual stages (interleaved schedules) the blocks are cut into ``p v`` chunks instead,
+and rank r holds chunks r, r + p, r + 2p, ...: non-adjacent pieces of the model, so that a
+micro-batch passes every rank v times. ``bounds`` then lists the chunks in model order (chunk g
+on rank g % p).
 """
 from __future__ import annotations
 
@@ -96,34 +101,38 @@ def make_topology(comm, dp: int, pp: int) -> Topology:
 
 
 # ---------------------------------------------------------------- the partition: who holds what
-def stage_bounds(n_layer: int, pp: int, blocks=()) -> list[tuple[int, int]]:
-    """(start, stop) block range of every stage: ``blocks`` per stage, or an even split."""
+def stage_bounds(n_layer: int, pp: int, blocks=(), v: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) block range of every chunk, in model order (p v chunks; chunk g on rank
+    g % p): ``blocks`` per chunk, or an even split."""
+    chunks = pp * v
     if not blocks:
-        base, extra = divmod(n_layer, pp)
-        blocks = [base + (s < extra) for s in range(pp)]
-    if len(blocks) != pp or sum(blocks) != n_layer:
-        raise ValueError(f"partition {list(blocks)} does not place {n_layer} blocks on {pp} stages")
+        base, extra = divmod(n_layer, chunks)
+        blocks = [base + (s < extra) for s in range(chunks)]
+    if len(blocks) != chunks or sum(blocks) != n_layer:
+        raise ValueError(f"partition {list(blocks)} does not place {n_layer} blocks on {chunks} stages")
     edges = numpy.cumsum([0, *blocks]).tolist()
     return list(zip(edges[:-1], edges[1:]))
 
 
-def stage_of(name: str, bounds, tied: bool = False) -> list[int]:
-    """Stages that hold the parameter ``name`` (serial GPT naming)."""
-    last = len(bounds) - 1
+def stage_of(name: str, bounds, tied: bool = False, pp: int | None = None) -> list[int]:
+    """Stages (ranks of the pipeline) that hold the parameter ``name`` (serial GPT naming);
+    ``bounds`` lists every chunk, chunk g living on stage g % pp (pp defaults to one chunk each)."""
+    pp = len(bounds) if pp is None else pp
+    last = pp - 1
     if name.startswith(("transformer.wte.", "transformer.wpe.")):
         return [0, last] if tied and name == TIED else [0]  # tied: it is the output head too
     if name.startswith(("transformer.ln_f.", "lm_head.")):
         return [last]
     if name.startswith("transformer.h."):
         i = int(name.split(".")[2])
-        return [s for s, (a, b) in enumerate(bounds) if a <= i < b]
+        return sorted({g % pp for g, (a, b) in enumerate(bounds) if a <= i < b})
     raise RuntimeError(f"parameter {name!r} belongs to no pipeline stage: teach stage_of about it")
 
 
-def stage_parameters(model, bounds, stage: int) -> list:
+def stage_parameters(model, bounds, stage: int, pp: int | None = None) -> list:
     """(name, Parameter) pairs stage ``stage`` computes with, in the serial order."""
     tied = model.config.tie_embeddings
-    return [(n, p) for n, p in model.named_parameters() if stage in stage_of(n, bounds, tied)]
+    return [(n, p) for n, p in model.named_parameters() if stage in stage_of(n, bounds, tied, pp)]
 
 
 def drop_other_stages(model, named) -> None:

@@ -16,9 +16,11 @@ vector, cut it into ``dp`` contiguous shards, and let rank r own shard r:
 Reduce-scatter + all-gather move the same bytes as one all-reduce (which is exactly a
 reduce-scatter followed by an all-gather), so the memory is saved at no extra communication.
 
-Two objects do it. ``ZeroSync`` replaces ``DataParallel`` in the engine: after the last backward
-it reduce-scatters the gradients (zeros outside this rank's shard, so gradient clipping and the
-16-bit inf/nan check work unchanged). ``ZeroAdamW`` is AdamW over this rank's slices of the
+Two objects do it. ``ZeroSync`` is the engine's gradient sync (``grad_sync.py``) in place of
+``DataParallel``: after the last backward it reduce-scatters the gradients (zeros outside this
+rank's shard, so gradient clipping and the 16-bit inf/nan check work unchanged; the norm and the
+overflow decision are then combined over the ranks), and it builds the optimizer that fits it,
+``ZeroAdamW``: AdamW over this rank's slices of the
 parameters (``ParamSlice``: a flat view of one parameter, cut where shards start and end), so
 the update is AdamW's own code, bias correction and all; weight decay follows the parameter a
 slice comes from (>= 2-D). Its ``state_dict`` gathers the shards to rank 0 in exactly the serial
@@ -30,7 +32,6 @@ backward, not in buckets overlapped with it (``DataParallel`` shows that techniq
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping
 
@@ -38,6 +39,7 @@ import numpy
 
 from minillm import backend
 from minillm.backend import xp
+from minillm.distributed.grad_sync import GradSync
 from minillm.distributed.ring import chunk_bounds
 from minillm.errors import UserError
 from minillm.optim.adamw import AdamW
@@ -98,8 +100,8 @@ def optimizer_state_nbytes(optimizer) -> int:
 
 
 # ---------------------------------------------------------------- gradients ---------------------
-class ZeroSync:
-    """The gradient step of ZeRO-1, for ``LocalEngine`` (in place of ``DataParallel``).
+class ZeroSync(GradSync):
+    """The gradient sync of ZeRO-1: ``ZeroSync(named_params, comm)``.
 
     Backward runs as in a serial run, accumulating each rank's local gradients; then
     ``finish_gradient_sync()`` reduce-scatters them in one float32 buffer (MPI cannot add
@@ -107,9 +109,9 @@ class ZeroSync:
     averaged gradient on this rank's shard and zeros elsewhere.
     """
 
-    def __init__(self, model, comm):
+    def __init__(self, named_params, comm):
         self.comm = comm
-        self.named = list(model.named_parameters())
+        self.named = list(named_params)
         self.layout = ShardLayout([p.data.size for _, p in self.named], comm.size)
         self.lo, self.hi = self.layout.shard(comm.rank)
         for _, p in self.named:  # everybody starts from rank 0's weights, as with DataParallel
@@ -121,10 +123,6 @@ class ZeroSync:
                       zip(self.named, self.layout.offsets, self.layout.offsets[1:])]
         self.last_wait_s = 0.0
         self.total_wait_s = 0.0
-
-    def no_sync(self):
-        """Nothing is communicated during backward anyway: every micro-step just accumulates."""
-        return contextlib.nullcontext()
 
     def finish_gradient_sync(self):
         for (_, p), view in zip(self.named, self.views):
@@ -141,17 +139,23 @@ class ZeroSync:
         # norm and inf checks over all gradients see exactly this rank's share of the truth.
         self.flat[:self.lo] = 0.0
         self.flat[self.hi:] = 0.0
-        self._agree_on_overflow(shard)
         for (_, p), view in zip(self.named, self.views):
             p.grad = view
 
-    def _agree_on_overflow(self, shard):
-        """An inf/nan lands only in the shard of the rank that owns it, but every rank must make
-        the same decision (skip the step, or step and all-gather): when another rank found one,
-        put a nan into this rank's shard too, so its precision object sees the overflow."""
-        bad = not bool(xp.isfinite(shard).all())
-        if self.comm.allreduce_scalar(float(bad), "max") > 0 and not bad and shard.size:
-            shard[0] = xp.nan  # fp16 skips the step, bf16 stops the run: the value never counts
+    def agree(self, found_inf: bool) -> bool:
+        """An inf/nan lands only in the shard of the rank that owns it, but every rank must take
+        the same decision (skip the step, or step and all-gather): an all-reduce max of the flag."""
+        return self.comm.allreduce_scalar(float(found_inf), "max") > 0
+
+    def grad_sq_reduce(self, sq: float) -> float:
+        """Each rank holds the gradient of its own shard (zeros elsewhere): the squares add up."""
+        return self.comm.allreduce_scalar(sq, "sum")
+
+    def make_optimizer(self, train_cfg, params):
+        """AdamW over this rank's shard (the config rejects zero with SGD)."""
+        t = train_cfg
+        return ZeroAdamW(params, self.comm, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                         weight_decay=t.weight_decay)
 
 
 # ---------------------------------------------------------------- the optimizer -----------------

@@ -3,6 +3,7 @@
 Initial values come from an explicit numpy Generator (``rng``) so that runs are reproducible;
 they are drawn on the host in float32 and moved to the device once.
 """
+import contextlib
 import math
 
 import numpy
@@ -84,23 +85,30 @@ class Dropout(Module):
 class SampleDropoutRNG:
     """Dropout randomness keyed by (seed, step, layer, sample): layout-independent masks.
 
-    The mask for sample i of the global batch at dropout layer l in step s is drawn from
-    ``numpy.random.default_rng([seed, s, l, i])``. Whichever data-parallel rank, pipeline stage or
-    accumulation micro-step processes sample i draws the same mask, so parallel runs equal serial
-    runs even with dropout, and a resumed run needs no RNG state to replay its masks.
+    The mask for sample i of the global batch at dropout layer l in optimizer step s is drawn from
+    ``numpy.random.default_rng([seed, s, l, i])``. The sample index travels with the micro-batch:
+    an engine runs each micro-batch's forward inside ``keyed(step, row0)``, ``row0`` being the
+    global index of its first sample, so row r of that micro-batch is sample ``row0 + r``.
+    Whichever data-parallel rank, pipeline stage or accumulation micro-step computes sample i, in
+    whatever order, and however often (a recomputation replays the same key), it draws the same
+    mask: parallel runs equal serial runs even with dropout, and a resumed run needs no RNG state.
 
-    The trainer calls ``begin_step(step, row_offsets)`` with the global index of the first sample
-    of each micro-batch, in the order the micro-batches run; each layer's k-th call of the step is
-    then micro-batch k. Without ``begin_step`` (a hand-written loop) every call draws fresh masks.
+    Outside ``keyed`` (a hand-written loop) every call draws fresh masks, counted per layer.
     """
 
     def __init__(self, seed=0):
         self.seed = int(seed)
-        self.step, self.offsets = None, None
-        self.calls = {}
+        self.key = None                  # (step, row0) of the micro-batch being computed
+        self.calls = {}                  # per-layer call counts, for unkeyed calls only
 
-    def begin_step(self, step, row_offsets=(0,)):
-        self.step, self.offsets, self.calls = int(step), [int(r) for r in row_offsets], {}
+    @contextlib.contextmanager
+    def keyed(self, step, row0=0):
+        """Masks drawn inside are those of samples row0, row0 + 1, ... of step ``step``."""
+        prev, self.key = self.key, (int(step), int(row0))
+        try:
+            yield
+        finally:
+            self.key = prev
 
     def for_layer(self, layer):
         """A generator-like object for one Dropout layer (``.random(shape, dtype)``)."""
@@ -116,14 +124,13 @@ class _LayerRNG:
 
     def random(self, shape, dtype="float32"):
         s = self.source
-        k = s.calls.get(self.layer, 0)
-        s.calls[self.layer] = k + 1
         out = numpy.empty(shape, dtype=dtype)
-        if s.offsets is None or k >= len(s.offsets):  # no step context: fresh masks every call
-            key = [s.seed, 2**32 - 1, self.layer, k] if s.offsets is None else [s.seed, s.step, self.layer, 2**32 - 1, k]
-            out[...] = numpy.random.default_rng(key).random(shape, dtype=dtype)
+        if s.key is None:  # no sample keys: fresh masks every call
+            k = s.calls.get(self.layer, 0)
+            s.calls[self.layer] = k + 1
+            out[...] = numpy.random.default_rng([s.seed, 2**32 - 1, self.layer, k]).random(shape, dtype=dtype)
             return out
-        row0 = s.offsets[k]
+        step, row0 = s.key
         for r in range(shape[0]):  # one stream per sample (B, ...) -> the row's mask
-            out[r] = numpy.random.default_rng([s.seed, s.step, self.layer, row0 + r]).random(shape[1:], dtype=dtype)
+            out[r] = numpy.random.default_rng([s.seed, step, self.layer, row0 + r]).random(shape[1:], dtype=dtype)
         return out

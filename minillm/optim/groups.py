@@ -35,6 +35,14 @@ def excluded(name, param, entries) -> bool:
     return any(param.data.ndim < 2 if e == VECTORS else fnmatchcase(name, e) for e in entries)
 
 
+def check_no_decay(no_decay, names) -> None:
+    """ConfigError naming a pattern of the rule that matches none of ``names`` (the whole model's)."""
+    for e in parse_no_decay(no_decay):
+        if e != VECTORS and not any(fnmatchcase(n, e) for n in names):
+            raise ConfigError(f"train.no_decay: pattern {e!r} matches no parameter (names look like "
+                              f"{', '.join(list(names)[:4])}, ...); fix the pattern or drop it")
+
+
 def param_groups(named_params, no_decay=DEFAULT_NO_DECAY, strict=True) -> list:
     """Groups of (name, parameter) pairs, decayed or not by the rule ``no_decay`` (see the
     module docstring), in the order given. With ``strict`` a pattern that matches no parameter
@@ -43,11 +51,7 @@ def param_groups(named_params, no_decay=DEFAULT_NO_DECAY, strict=True) -> list:
     pairs = list(named_params)
     entries = parse_no_decay(no_decay)
     if strict:
-        for e in entries:
-            if e != VECTORS and not any(fnmatchcase(n, e) for n, _ in pairs):
-                names = ", ".join(n for n, _ in pairs[:4])
-                raise ConfigError(f"train.no_decay: pattern {e!r} matches no parameter (names look "
-                                  f"like {names}, ...); fix the pattern or drop it")
+        check_no_decay(no_decay, [n for n, _ in pairs])
     groups = []
     # runs of neighbours with the same flag: the model's order is kept, so the optimizer state
     # (and a checkpoint) is laid out exactly as without groups

@@ -2,12 +2,15 @@
 
 One function, ``train(cfg)``, runs the whole job on one process or on every rank of an MPI job
 (``mpirun -np N python -m mpi4py -m minillm train ...``). What differs between layouts lives in
-the engine (serial, data parallel, pipeline); what differs between float32 and mixed precision
-lives in the precision object; the loop itself is the same for all.
+the engine (``minillm/engine.py``: serial, data parallel, ZeRO, pipeline, built by
+``train/build.py``); what differs between float32 and mixed precision lives in the precision
+object; the loop itself is the same for all.
 
-Reproducibility: the batch of step s is a function of (seed, s) only, and dropout masks come from a
-generator re-seeded from (seed, s, rank) at every step, so a resumed run replays exactly what the
-uninterrupted one would have done.
+Reproducibility: the batch of step s is a function of (seed, s) only (``data/sampler.py``), and
+the dropout mask of sample i at layer l is drawn from ``default_rng([seed, s, l, i])``, the sample
+index travelling with its micro-batch (``engine.Microbatch``). So a resumed run replays exactly
+what the uninterrupted one would have done, and nothing random needs saving: a checkpoint holds
+the weights, the optimizer state, the loss scaler, the config and the step.
 """
 import dataclasses
 import math
@@ -20,15 +23,19 @@ from pathlib import Path
 import numpy
 
 from minillm import __version__, backend
-from minillm.amp import LossDivergedError, make_precision
+from minillm.amp import LossDivergedError
 from minillm.checkpoint import (check_config, checkpoint_path, find_latest_checkpoint,
                                 load_checkpoint, prune_checkpoints, save_checkpoint)
 from minillm.config import check_layout, config_to_dict, data_dir, save_config
 from minillm.data import BatchSampler, TokenDataset, ensure_dataset, load_tokenizer, read_meta
+from minillm.distributed.comm import get_world_comm
+from minillm.engine import Microbatch
 from minillm.errors import UserError
 from minillm.model import GPT
-from minillm.optim import SGD, AdamW, clip_grad_norm, get_lr, param_groups
-from minillm.train.flops import flops_per_token, matmul_params, measure_matmul_peak
+from minillm.optim import check_no_decay, clip_grad_norm, get_lr
+from minillm.perf.allocator import tune_host_allocator
+from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
+from minillm.train.build import build_engine
 from minillm.train.metrics import MetricsLog, format_line
 
 
@@ -79,44 +86,8 @@ def resolve_vocab(cfg, meta):
     return cfg
 
 
-def make_engine(cfg, model, comm):
-    """Serial, data-parallel or pipeline engine for this config and world."""
-    from minillm.train.engine import LocalEngine, ShardedEngine
-    if cfg.parallel.pp > 1:
-        from minillm.distributed.pipeline import PipelineEngine
-        return PipelineEngine(cfg, model, comm)
-    if zero_sharded(cfg, comm):
-        from minillm.distributed.zero import ZeroSync
-        return ShardedEngine(model, ZeroSync(model, comm), comm)
-    if comm.size > 1:
-        from minillm.distributed.data_parallel import DataParallel
-        sync = DataParallel(model, comm, bucket_mb=cfg.parallel.bucket_mb,
-                            allreduce=cfg.parallel.allreduce)
-        return LocalEngine(model, sync, comm)
-    return LocalEngine(model, comm=comm)
-
-
-def zero_sharded(cfg, comm) -> bool:
-    """ZeRO-1: parallel.zero=1 with several data-parallel ranks (with one it is plain AdamW)."""
-    return cfg.parallel.zero == 1 and cfg.parallel.pp == 1 and comm is not None and comm.size > 1
-
-
-def make_optimizer(cfg, params, comm=None):
-    """The optimizer over ``params`` (the master weights); under ZeRO-1 it holds this rank's shard."""
-    t = cfg.train
-    params = param_groups(params, t.no_decay, strict=cfg.parallel.pp == 1)  # a stage has only its part
-    if t.optimizer == "sgd":
-        return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-    if zero_sharded(cfg, comm):
-        from minillm.distributed.zero import ZeroAdamW
-        return ZeroAdamW(params, comm, **hyper)
-    return AdamW(params, **hyper)
-
-
 class Trainer:
     def __init__(self, cfg, comm=None, resume=None, log=None):
-        from minillm.distributed.comm import get_world_comm
         self.comm = comm or get_world_comm()
         check_layout(cfg, self.comm.size)
         backend.set_device(cfg.train.device)
@@ -132,12 +103,13 @@ class Trainer:
         self.val_data = TokenDataset(self.ddir, "val")
         self.sampler = BatchSampler(self.train_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
         self.val_sampler = BatchSampler(self.val_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
+        tune_host_allocator()  # freed temporaries are reused, not re-faulted in (perf/allocator.py)
         self.model = GPT(cfg.model, seed=t.seed)  # the same initial weights on every rank
-        self.engine = make_engine(cfg, self.model, self.comm)
-        self.precision = self.engine.precision = make_precision(t, self.engine.named_parameters())
-        self.optimizer = make_optimizer(cfg, self.precision.master_params, self.comm)
-        self.dp_rank, self.dp_size = getattr(self.engine, "dp_rank", self.comm.rank), \
-            getattr(self.engine, "dp_size", self.comm.size)
+        check_no_decay(t.no_decay, [n for n, _ in self.model.named_parameters()])
+        self.engine = build_engine(cfg, self.model, self.comm)
+        self.precision = self.engine.precision
+        self.optimizer = self.engine.make_optimizer(t)
+        self.dp_rank, self.dp_size = self.engine.dp_rank, self.engine.dp_size
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
         self.last_val = None
         if resume:
@@ -152,9 +124,10 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.rank0)
 
     # ------------------------------------------------------------------ batches
-    def local_microbatches(self, step, sampler=None, eval_index=None, with_offsets=False):
-        """This data-parallel rank's slice of the global batch, cut into micro-batches (and the
-        global index of each micro-batch's first sample)."""
+    def local_microbatches(self, step, sampler=None, eval_index=None):
+        """This data-parallel rank's slice of the global batch of ``step``, cut into
+        ``Microbatch``es that know where their rows sit in the global batch (dropout keys);
+        ``eval_index``: the i-th fixed evaluation batch of ``sampler`` instead (no keys)."""
         t = self.cfg.train
         per_rank = t.batch_size // self.dp_size
         n_micro = t.grad_accum * self.cfg.parallel.microbatches
@@ -162,13 +135,13 @@ class Trainer:
         start = self.dp_rank * per_rank
         out = []
         for i in range(n_micro):
+            row0 = start + i * size
             if eval_index is None:
-                x, y = (sampler or self.sampler).get_batch(step, start + i * size, size)
+                x, y = (sampler or self.sampler).get_batch(step, row0, size)
             else:
-                x, y = sampler.eval_batch(eval_index, start + i * size, size)
-            out.append((backend.asarray(x), backend.asarray(y)))
-        if with_offsets:
-            return out, [start + i * size for i in range(n_micro)]
+                x, y = sampler.eval_batch(eval_index, row0, size)
+            out.append(Microbatch(backend.asarray(x), backend.asarray(y),
+                                  step if eval_index is None else None, row0))
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -178,7 +151,7 @@ class Trainer:
         total = 0.0
         for i in range(self.cfg.train.eval_iters):
             mbs = self.local_microbatches(0, sampler, eval_index=i)
-            total += sum(self.engine.eval_loss(x, y) for x, y in mbs) / len(mbs)
+            total += sum(self.engine.eval_loss(mb.x, mb.y) for mb in mbs) / len(mbs)
         self.model.train()
         return self.engine.reduce_loss(total / self.cfg.train.eval_iters)
 
@@ -199,6 +172,7 @@ class Trainer:
         }
 
     def save(self):
+        self.engine.write_artifacts(self.run_dir)  # e.g. a pipeline rank's timeline (collective)
         state = self.checkpoint_state()  # every rank takes part (pipeline stages gather to rank 0)
         path = checkpoint_path(self.run_dir, self.step)
         if self.rank0:
@@ -234,11 +208,10 @@ class Trainer:
     def train_step(self):
         t = self.cfg.train
         lr = get_lr(self.step, t)
-        mbs, offsets = self.local_microbatches(self.step, with_offsets=True)
-        self.model.dropout_rng.begin_step(self.step, offsets)
+        mbs = self.local_microbatches(self.step)
         with self.precision.quiet():
             loss = self.engine.forward_backward(mbs)
-            found_inf = self.precision.grads_to_master()
+            found_inf = self.precision.grads_to_master(agree=self.engine.agree)  # same on every rank
         params = [p for _, p in self.precision.master_params]
         grad_norm = clip_grad_norm(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
         if not found_inf:
@@ -289,7 +262,7 @@ class Trainer:
                               "mfu": fpt * tokens_per_step / dt / peak / self.comm.size if peak else None,
                               "tokens_seen": self.tokens_seen}
                     if self.comm.size > 1:
-                        record["comm_wait_ms"] = 1000 * getattr(self.engine, "comm_wait_s", 0.0)
+                        record["comm_wait_ms"] = 1000 * self.engine.comm_wait_s
                     if self.precision.loss_scale is not None:
                         record.update(loss_scale=self.precision.loss_scale, skipped_steps=skipped)
                 if is_eval:

@@ -1,0 +1,46 @@
+"""Every choice list of minillm, in one place.
+
+Each choice is a ``typing.Literal``: a config field annotated with it accepts exactly those values
+(``config_section.Section`` checks them once, when the config is built), and a function can say
+what it takes (``def schedule(name: PipelineSchedule, ...)``). The tuples next to them are the same
+values, for messages and loops. Adding an option means adding it here and handling it where it is
+used; there is no second list to keep in sync.
+"""
+from typing import Literal, get_args
+
+from minillm.errors import ConfigError
+
+Tokenizer = Literal["char", "bpe", "gpt2"]
+NamedSource = Literal["pydocs", "shakespeare"]     # any other data.source is a path to a text file
+Optimizer = Literal["adamw", "sgd"]
+LRSchedule = Literal["constant", "cosine", "wsd", "inv_sqrt"]
+DType = Literal["float32", "float16", "bfloat16"]
+Device = Literal["cpu", "gpu"]
+PipelineSchedule = Literal["1f1b", "gpipe", "zb-h1"]
+AllReduce = Literal["mpi", "ring"]               # MPI's own, or minillm's hand-written ring
+ZeroStage = Literal[0, 1]
+Norm = Literal["layernorm", "rmsnorm"]
+MLPKind = Literal["gelu", "swiglu"]
+Position = Literal["learned", "rope"]
+
+TOKENIZERS = get_args(Tokenizer)
+NAMED_SOURCES = get_args(NamedSource)
+OPTIMIZERS = get_args(Optimizer)
+LR_SCHEDULES = get_args(LRSchedule)
+DTYPES = get_args(DType)
+HALF_DTYPES = ("float16", "bfloat16")
+DEVICES = get_args(Device)
+PIPELINE_SCHEDULES = get_args(PipelineSchedule)
+ALLREDUCES = get_args(AllReduce)
+ZERO_STAGES = get_args(ZeroStage)
+NORMS = get_args(Norm)
+MLP_KINDS = get_args(MLPKind)
+POSITIONS = get_args(Position)
+
+
+def one_of(what: str, value, options):
+    """``value`` when it is in ``options``; else a one-line error naming them (for functions users
+    call directly with a name, e.g. ``get_tokenizer("bpe")``; configs are checked on construction)."""
+    if value not in options:
+        raise ConfigError(f"{what}={value!r} is not one of {', '.join(map(repr, options))}")
+    return value
