@@ -1,4 +1,5 @@
-"""The `minillm` command: prepare | train | sample | eval | finetune | plot | inspect | quantize | serve | bench.
+"""The `minillm` command: prepare | train | sample | eval | finetune | plot | inspect | quantize |
+serve | bench | memory.
 
 Exit codes: 0 done, 2 a user error (one line on stderr, no traceback), 1 a bug. Under mpirun
 every rank runs this same entry point; an error on any rank ends the whole job.
@@ -20,6 +21,7 @@ _EPILOG = """examples:
   minillm inspect runs/pydocs_char/ckpt_0001000.h5
   minillm quantize runs/pydocs_char --bits 4 --group-size 32
   minillm serve runs/pydocs_char --port 8000      # then open http://127.0.0.1:8000/
+  minillm memory configs/gpt10m.toml --parallel.dp=2 --parallel.zero=3 --train.recompute=full
 """
 
 
@@ -64,7 +66,8 @@ def build_parser():
                        ("eval", "validation loss and perplexity of a trained model")):
         s = sub.add_parser(name, help=text)
         s.add_argument("path", help="a run directory or a checkpoint .h5 file")
-        s.add_argument("--device", default=None, help="cpu | gpu (default: cpu)")
+        s.add_argument("--device", default=None, choices=("cpu", "gpu"),
+                       help="cpu | gpu (default: the run's train.device, else MINILLM_DEVICE, else cpu)")
         if name == "sample":
             s.add_argument("--prompt", default="")
             s.add_argument("--max-new-tokens", type=int, default=200)
@@ -128,6 +131,13 @@ def build_parser():
     s.add_argument("--torch", action="store_true", help="also time the same model in PyTorch")
     s.add_argument("--threads", type=int, default=None, help="BLAS / PyTorch threads (default: as set)")
     s.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+
+    s = sub.add_parser("memory", help="predict each rank's memory (the ledger); --measure checks it")
+    s.add_argument("config", nargs="?", default=None)
+    s.add_argument("--measure", action="store_true", help="also run a few steps and measure the peak")
+    s.add_argument("--memory-limit", default=None, help="refuse layouts predicted above this, e.g. 16GiB")
+    s.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up)")
+    s.add_argument("--json", action="store_true", help="print the ledger as JSON")
     return p
 
 
@@ -140,9 +150,10 @@ def _train(args, overrides, state):
     cfg = load_config(args.config, overrides)  # the same on every rank: errors are reported once
     from minillm.config import check_layout
     from minillm.distributed.comm import require_mpi
-    world = cfg.parallel.dp * cfg.parallel.pp
+    par = cfg.parallel
+    world = par.dp * par.tp * par.pp
     if world > 1:
-        require_mpi(f"parallel.dp={cfg.parallel.dp} x parallel.pp={cfg.parallel.pp}", world)
+        require_mpi(f"parallel.dp={par.dp} x parallel.tp={par.tp} x parallel.pp={par.pp}", world)
     check_layout(cfg, comm.size)
     if comm.size > 1:
         install_abort_handler(comm)
@@ -237,6 +248,19 @@ def _bench(args, overrides):
     return 0
 
 
+def _memory(args, overrides, state):
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
+    from minillm.perf.memory_cmd import memory_command
+    comm = state["comm"] = get_world_comm()  # under mpirun rank 0 prints; --measure measures every rank
+    if comm.size > 1:
+        install_abort_handler(comm)
+    if args.steps < 1:
+        raise UserError(f"--steps={args.steps} must be >= 1")
+    return memory_command(args.config, overrides, measure=args.measure, limit=args.memory_limit,
+                          steps=args.steps, as_json=args.json, comm=comm)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     state = {"comm": None, "phase": "config"}
@@ -246,12 +270,14 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return 2
-        if extra and args.command not in ("train", "bench", "finetune"):
+        if extra and args.command not in ("train", "bench", "memory", "finetune"):
             raise UserError(f"minillm {args.command}: unrecognized arguments: {' '.join(extra)}")
         if args.command == "train":
             return _train(args, extra, state)
         if args.command == "bench":
             return _bench(args, extra)
+        if args.command == "memory":
+            return _memory(args, extra, state)
         if args.command == "finetune":
             return _finetune(args, extra)
         return {"prepare": _prepare, "sample": _sample, "eval": _eval, "plot": _plot,

@@ -139,7 +139,7 @@ def test_fused_lora_linear_gradcheck_against_the_formula(bias, frozen):
 
 def test_lora_starts_as_the_base_and_merged_equals_unmerged():
     model = GPT(GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, mlp="swiglu"), seed=0)
-    idx = np.random.default_rng(1).integers(0, 17, (2, 8))
+    idx = backend.asarray(np.random.default_rng(1).integers(0, 17, (2, 8)))
     with no_grad():
         base = model(idx)[0].numpy()
     names = apply_lora(model, ["c_attn", "mlp.c_gate", "mlp.c_proj"], rank=4, seed=0, new_tokens_from=15)
@@ -149,8 +149,8 @@ def test_lora_starts_as_the_base_and_merged_equals_unmerged():
     rng = np.random.default_rng(2)
     for m in adapters(model).values():
         if isinstance(m, LoRALinear):
-            m.lora_B.data[...] = rng.standard_normal(m.lora_B.shape).astype(np.float32) * 0.1
-    weights = {n: p.data.copy() for n, p in model.named_parameters()}
+            m.lora_B.data[...] = backend.asarray(rng.standard_normal(m.lora_B.shape).astype(np.float32) * 0.1)
+    weights = {n: backend.to_numpy(p.data).copy() for n, p in model.named_parameters()}
     with no_grad():
         unmerged = model(idx)[0].numpy()
         merge_lora(model)
@@ -159,7 +159,7 @@ def test_lora_starts_as_the_base_and_merged_equals_unmerged():
     np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5)
     unmerge_lora(model)
     for n, p in model.named_parameters():
-        np.testing.assert_allclose(p.data, weights[n], atol=1e-6, err_msg=n)
+        np.testing.assert_allclose(backend.to_numpy(p.data), weights[n], atol=1e-6, err_msg=n)
 
 
 def test_lora_run_changes_no_base_parameter_and_saves_adapters_alone(base_run, chat_file, tmp_path):
@@ -176,10 +176,10 @@ def test_lora_run_changes_no_base_parameter_and_saves_adapters_alone(base_run, c
         assert p.grad is None, n                                  # frozen: never a gradient
         want = base[n]
         if n == "transformer.wte.weight":                         # old rows untouched, new rows appended
-            np.testing.assert_array_equal(p.data[:want.shape[0]], want)
+            np.testing.assert_array_equal(backend.to_numpy(p.data)[:want.shape[0]], want)
         else:
-            np.testing.assert_array_equal(p.data, want, err_msg=n)
-    moved = [n for n, p in trainable_parameters(ft.model) if "lora_B" in n and np.abs(p.data).max() > 0]
+            np.testing.assert_array_equal(backend.to_numpy(p.data), want, err_msg=n)
+    moved = [n for n, p in trainable_parameters(ft.model) if "lora_B" in n and np.abs(backend.to_numpy(p.data)).max() > 0]
     assert moved, "the adapters trained"
     adapter = Path(summary["checkpoint"])
     saved = load_checkpoint(adapter)
@@ -187,7 +187,7 @@ def test_lora_run_changes_no_base_parameter_and_saves_adapters_alone(base_run, c
     assert saved["meta"]["base_checkpoint"] == str(sorted(base_run.glob("ckpt_*.h5"))[-1].resolve())
     assert adapter.stat().st_size < sorted(base_run.glob("ckpt_*.h5"))[-1].stat().st_size
     loaded, _, tok = load_adapted(adapter)                        # base + adapters, merged
-    x, _, _ = ft.batches.batch(0)
+    x = backend.asarray(ft.batches.batch(0)[0])
     with no_grad():
         ft.model.eval()
         np.testing.assert_allclose(loaded(x)[0].numpy(), ft.model(x)[0].numpy(), rtol=1e-4, atol=1e-5)

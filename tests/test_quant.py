@@ -103,8 +103,8 @@ def test_int8_logits_close_to_float32(rng):
 
 def test_quant_linear_backward_reaches_the_input_and_bias(rng):
     w = Int4Weight.quantize(backend.asarray(rng.standard_normal((6, 16))), 8)
-    x = Tensor(rng.standard_normal((3, 16)), requires_grad=True)     # float64 gradcheck
-    b = Tensor(rng.standard_normal(6), requires_grad=True)
+    x = Tensor(backend.asarray(rng.standard_normal((3, 16))), requires_grad=True)  # float64 gradcheck
+    b = Tensor(backend.asarray(rng.standard_normal(6)), requires_grad=True)
     assert gradcheck(lambda x, b: QuantLinearFunction.apply(x, b, weight=w), [x, b],
                      raise_exception=False).ok
 

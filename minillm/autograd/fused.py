@@ -8,6 +8,7 @@ float32 even when activations are float16/bfloat16 (mixed precision).
 """
 import math
 
+from minillm import backend
 from minillm.autograd.function import Function
 from minillm.autograd.ops import acc_dtype, mm, mm_operand, upcast
 from minillm.autograd.special import erf
@@ -156,9 +157,11 @@ class CrossEntropy(Function):
         x = _f32(logits).reshape(-1, V)                       # (N, V)
         t = targets.reshape(-1)                               # (N,)
         valid = t != ignore_index
-        t_safe = xp.where(valid, t, 0)
-        if t_safe.size and (int(t_safe.max()) >= V or int(t_safe.min()) < 0):
-            raise ValueError(f"cross_entropy: target ids must be in [0, {V}) (or ignore_index)")
+        # Checked without stalling a GPU (raised at the next backend.fetch there), and clipped so
+        # that a bad id can never index outside the logits.
+        backend.check((((t < 0) | (t >= V)) & valid).any(),
+                      f"cross_entropy: target ids must be in [0, {V}) (or ignore_index)")
+        t_safe = xp.clip(xp.where(valid, t, 0), 0, V - 1)
         probs = x - x.max(axis=1, keepdims=True)              # shifted logits, (N, V)
         rows = xp.arange(t.shape[0])
         target = probs[rows, t_safe]                          # shifted logit of each target, (N,)
@@ -168,7 +171,7 @@ class CrossEntropy(Function):
         # log-prob of each target, (N,), from the shifted logit: log(probs[target]) would be
         # log(0) = -inf once a target's probability underflows (logits ~1e3 apart)
         logp = target - xp.log(sums[:, 0])
-        n = max(int(valid.sum()), 1)
+        n = xp.maximum(valid.sum(), 1).astype(x.dtype)        # rows that count, on the device
         loss = -(logp * valid).sum() / n
         ctx.save_for_backward(probs, t_safe, valid)
         ctx.n, ctx.shape, ctx.dtype = n, logits.shape, logits.dtype
@@ -322,8 +325,9 @@ _MASKS = {}
 
 def _causal_mask(tq, tk, dtype):
     """Additive mask (Tq, Tk): 0 where query i may see key j, -inf after it. Query i sits at
-    position i + (Tk - Tq), so with a KV cache new queries see every cached key."""
-    key = (tq, tk, str(dtype))
+    position i + (Tk - Tq), so with a KV cache new queries see every cached key. Cached per
+    device: an array of one device cannot be added to another's."""
+    key = (backend.device_key(), tq, tk, str(dtype))
     if key not in _MASKS:
         i = xp.arange(tq)[:, None] + (tk - tq)
         j = xp.arange(tk)[None, :]

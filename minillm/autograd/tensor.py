@@ -144,7 +144,8 @@ class Tensor:
             _accumulate_leaf(self, grad)
             return
         grads = {id(self): grad}
-        for node in reversed(order):
+        while order:  # outputs first; popping lets each node's array go once its backward ran
+            node = order.pop()
             g = grads.pop(id(node), None)
             ctx = node._ctx
             if g is None:  # no gradient reached this node: its leaves get no contribution from it

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy
 
-import minillm.functional as F
 from minillm.autograd.tensor import DeferredWeightGrads, Tensor, no_grad
 from minillm.backend import xp
 from minillm.distributed.pipeline_schedule import COMPUTE, SPLIT, schedule
@@ -72,7 +71,7 @@ class PipelineEngine(Engine):
     comm_wait_s = 0.0  # seconds the last step spent in receives, sends and all-reduces
 
     def __init__(self, model, topo, bounds, named, sync, precision, schedule="1f1b", microbatches=1,
-                 virtual_stages=1, keep_step=None):
+                 virtual_stages=1, keep_step=None, tensor_parallel=None):
         self.model, self.topo, self.comm = model, topo, topo.world
         self.stage, self.pp, self.m, self.v = topo.stage, topo.pp, microbatches, virtual_stages
         self.dp_rank, self.dp_size = topo.dp_rank, topo.dp
@@ -82,6 +81,8 @@ class PipelineEngine(Engine):
         self.tied = model.config.tie_embeddings
         self._named = list(named)
         self.sync, self.precision = sync, precision
+        if tensor_parallel is not None:  # each stage split over its tp group (tp_model.py)
+            self.tensor_parallel = tensor_parallel
         self.timeline, self.kept, self.keep_step, self.steps = Timeline(), None, keep_step, 0
         self._sends, self._act_dtype, self._dtype_sent = [], {}, set()
 
@@ -135,11 +136,12 @@ class PipelineEngine(Engine):
 
     def _recv_activation(self, x, g, micro):
         source, _ = self._neighbour(g - 1)
-        if source not in self._act_dtype:
+        if source not in self._act_dtype:  # (waiting, keep our own sends moving: the peer may need them)
             name = numpy.empty(16, dtype=numpy.uint8)
-            self.topo.pipe_comm.recv(name, source, _DTYPE)
+            _wait(self.topo.pipe_comm.irecv(name, source, _DTYPE), self._poke)
             self._act_dtype[source] = numpy.dtype(name.tobytes().decode().strip())
-        shape = (*x.shape, self.model.config.n_embd)                  # (B, T, C)
+        B, T = x.shape
+        shape = (B, self.tensor_parallel.seq_len(T), self.model.config.n_embd)  # (B, T or T/tp, C)
         return self._recv(shape, self._act_dtype[source], source,
                           self._tag(_ACT, micro, g // self.pp), micro)
 
@@ -161,9 +163,9 @@ class PipelineEngine(Engine):
         with self.timeline.span("forward", micro, chunk), keyed(self.model, mb):
             inp, h = self._chunk_forward(mb.x, g, received)
             if g == self.last_chunk:
-                loss = F.cross_entropy(self.model.head(h), mb.y)
+                loss = self.model.criterion(self.model.head(h), mb.y)
                 out = self.precision.scale_loss(loss * (1.0 / n))
-                self._losses.append(float(loss.data))
+                self._losses.append(loss.data.astype(xp.float64))  # read only when reported
             else:
                 out = h
         self._graphs[micro, chunk] = (inp, out)
@@ -230,7 +232,10 @@ class PipelineEngine(Engine):
         if self.keep_step is None or self.steps == self.keep_step:
             self.kept = (self.steps, list(self.timeline.events), self.timeline.summary())
         self.steps += 1
-        return sum(self._losses) / n if self._losses else 0.0
+        total = 0.0
+        for loss in self._losses:  # summed in order on the device, as the serial engine does
+            total = total + loss
+        return total / n if self._losses else 0.0
 
     def _sum_tied_grads(self):
         """The embedding's two gradient parts (input side on stage 0, output side on the last)."""
@@ -254,24 +259,28 @@ class PipelineEngine(Engine):
             with no_grad():
                 _, h = self._chunk_forward(x, g, received)
                 if g == self.last_chunk:
-                    loss = float(F.cross_entropy(self.model.head(h), y).data)
+                    loss = self.model.criterion(self.model.head(h), y).data  # on the device
                 else:
                     self._send_activation(h.data, g, 0)
         return loss
 
     def reduce_loss(self, value):
-        """The last stage's value, averaged over the data-parallel replicas, on every rank."""
+        """The last stage's value, averaged over the data-parallel replicas, on every rank (the
+        tp ranks of a stage all know it: one of them speaks)."""
         self._finish_sends()
-        return self.comm.allreduce_scalar(value if self.topo.is_last else 0.0, "sum") / self.dp_size
+        speaks = self.topo.is_last and self.topo.tp_rank == 0
+        return self.comm.allreduce_scalar(value if speaks else 0.0, "sum") / self.dp_size
 
     def grad_sq_reduce(self, sq):
-        """Sum of squared gradients over the stages, the tied embedding counted once."""
+        """Sum of squared gradients over the stages, the tied embedding counted once (and, within
+        a stage, a parameter replicated over the tp group once, through the sync)."""
         if self.tied and self.topo.is_last:
             g = dict(self.precision.master_params)[TIED].grad
             if g is not None:
                 g = g.reshape(-1).astype(xp.float64)
-                sq -= float(xp.dot(g, g))
-        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")
+                sq = sq - xp.dot(g, g)
+        sq = self.sync.grad_sq_reduce(self.tensor_parallel.count_once(sq, self.precision.master_params))
+        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")  # stages differ: read once per step
 
     # ------------------------------------------------------------------ checkpoints
     def _gather(self, local: dict) -> dict:
@@ -303,14 +312,15 @@ class PipelineEngine(Engine):
 
     def model_state(self):
         """The full model by serial name on world rank 0 (every rank must call it)."""
-        full = self._gather({n: p.data for n, p in self.precision.master_params})
+        full = self._gather(self.tensor_parallel.gather({n: p.data for n, p in self.precision.master_params}))
         return {n: full[n] for n in self._serial_order() if n in full}
 
     def optimizer_state(self, optimizer):
         """The full optimizer state in the serial format on world rank 0 ({} elsewhere)."""
         sd = optimizer.state_dict()
         names = {n for stage in self.topo.pipe_comm.allgather_obj(list(sd["state"])) for n in stage}
-        full = self._gather({f"{n}/{k}": a for n, st in sd["state"].items() for k, a in st.items()})
+        full = self._gather(self.tensor_parallel.gather(
+            {f"{n}/{k}": a for n, st in sd["state"].items() for k, a in st.items()}))
         if self.comm.rank != 0:
             return {}
         state = {n: {} for n in self._serial_order() if n in names}
@@ -321,8 +331,8 @@ class PipelineEngine(Engine):
 
     def load_optimizer_state(self, optimizer, state):
         mine = set(optimizer.names)
-        optimizer.load_state_dict({**state, "state": {n: st for n, st in state["state"].items()
-                                                      if n in mine}})
+        optimizer.load_state_dict(self.tensor_parallel.local_optimizer_state(
+            {**state, "state": {n: st for n, st in state["state"].items() if n in mine}}))
 
     # ------------------------------------------------------------------ observability
     def write_artifacts(self, run_dir):

@@ -1,4 +1,5 @@
 """GPT: the model (GPT-2 style, with Llama-style options); its config is in model/config.py."""
+import functools
 import math
 
 import numpy  # host-side: initial values and sampling use explicit numpy Generators
@@ -11,7 +12,8 @@ from minillm.errors import ConfigError
 from minillm.model.config import GPTConfig
 from minillm.model.kv_cache import KVCache  # noqa: F401  (part of this module's API)
 from minillm.model.sampling import check_sampling, sample_next
-from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm
+from minillm.nn import (CrossEntropyLoss, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList,
+                        RMSNorm)
 from minillm.nn.layers import SampleDropoutRNG
 
 
@@ -31,6 +33,22 @@ def rope_tables(head_size, positions, base=10000.0, dtype="float32"):
             backend.asarray(numpy.sin(angles).astype(dtype)))
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_cached(device_key, head_size, start, T, dtype, base=10000.0):
+    """rope_tables for positions start..start+T-1, made (and copied to device_key) once."""
+    return rope_tables(head_size, numpy.arange(start, start + T), base=base, dtype=dtype)
+
+
+class AttentionCore(Module):
+    """softmax(q k^T / sqrt(hs) + causal mask) v: the region whose (B, nh, T, T) probabilities
+    dominate activation memory at long contexts. A module of its own (no parameters, so no
+    names change) only so that wrappers can act on it: selective recomputation
+    (``model/recompute.py``) re-runs just this region in backward."""
+
+    def forward(self, q, k, v, attn_mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)    # (B, nh, T, hs)
+
+
 class CausalSelfAttention(Module):
     def __init__(self, config, rng):
         super().__init__()
@@ -38,12 +56,15 @@ class CausalSelfAttention(Module):
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, std=0.02)
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng, std=resid_std)
-        self.n_head, self.rope = config.n_head, config.pos == "rope"
+        self.core = AttentionCore()
+        # heads this module computes (a tensor-parallel wrapper gives each rank n_head / tp of them)
+        self.n_head, self.head_size = config.n_head, config.head_size
+        self.rope = config.pos == "rope"
 
     def forward(self, x, rope=None, cache=None, layer=0, attn_mask=None):
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
+        nh, hs = self.n_head, self.head_size
         qkv = self.c_attn(x)                                                    # (B, T, 3C)
+        B, T = qkv.shape[:2]
         qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)               # (3, B, nh, T, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]                                        # (B, nh, T, hs) each
         if rope is not None:
@@ -51,8 +72,8 @@ class CausalSelfAttention(Module):
         if cache is not None:  # sampling: no graph, extend the cache
             k_all, v_all = cache.update(layer, k.data, v.data)
             k, v = Tensor(k_all, _check=False), Tensor(v_all, _check=False)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)        # (B, nh, T, hs)
-        y = y.permute(0, 2, 1, 3).reshape(B, T, C)                              # (B, T, C)
+        y = self.core(q, k, v, attn_mask=attn_mask)                             # (B, nh, T, hs)
+        y = y.permute(0, 2, 1, 3).reshape(B, T, nh * hs)                        # (B, T, C)
         return self.c_proj(y)
 
 
@@ -122,6 +143,7 @@ class GPT(Module):
         self.lm_head = Linear(C, config.vocab_size, bias=False, rng=rng, std=0.02)
         if config.tie_embeddings:
             self.lm_head.weight = t.wte.weight
+        self.criterion = CrossEntropyLoss()  # a module, so a parallel wrapper can swap in its own
 
     # The forward pass in three pieces, so pipeline stages can run any contiguous part of it.
     def embed(self, idx, start_pos=0, positions=None):
@@ -143,10 +165,11 @@ class GPT(Module):
         ``positions`` (B, T), broadcasting over the heads of q, k (B, nh, T, hs)."""
         if self.config.pos != "rope":
             return None
-        if positions is None:
-            return rope_tables(self.config.head_size, numpy.arange(start_pos, start_pos + T),
-                               base=self.config.rope_theta, dtype=dtype)
-        cos, sin = rope_tables(self.config.head_size, positions, base=self.config.rope_theta, dtype=dtype)  # (B, T, hs)
+        if positions is None:  # the same positions for every row: tables made once per device
+            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype),
+                                self.config.rope_theta)
+        cos, sin = rope_tables(self.config.head_size, positions, base=self.config.rope_theta,
+                               dtype=dtype)                                      # (B, T, hs)
         return cos[:, None], sin[:, None]                                       # (B, 1, T, hs)
 
     def run_blocks(self, x, start=0, stop=None, rope=None, cache=None, attn_mask=None):
@@ -176,7 +199,7 @@ class GPT(Module):
         rope = self.rope_for(idx.shape[1], start, dtype=str(x.dtype), positions=positions)
         x = self.run_blocks(x, rope=rope, cache=cache, attn_mask=_mask(attn_mask))
         logits = self.head(x)
-        loss = None if targets is None else F.cross_entropy(logits, _ids(targets))
+        loss = None if targets is None else self.criterion(logits, _ids(targets))
         return logits, loss
 
     # ------------------------------------------------------------------ sampling

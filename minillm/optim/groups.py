@@ -30,9 +30,17 @@ def parse_no_decay(rule) -> tuple:
     return tuple(e.strip() for e in items if e.strip())
 
 
-def excluded(name, param, entries) -> bool:
-    """True when (name, param) matches an entry of the rule: it is not decayed."""
-    return any(param.data.ndim < 2 if e == VECTORS else fnmatchcase(name, e) for e in entries)
+def excluded(name, ndim, entries) -> bool:
+    """True when a parameter (its name and number of dimensions) matches an entry of the rule:
+    it is not decayed."""
+    return any(ndim < 2 if e == VECTORS else fnmatchcase(name, e) for e in entries)
+
+
+def decay_by_name(names, shapes, no_decay=DEFAULT_NO_DECAY) -> dict:
+    """{name: decayed?} by the rule for parameters known by name and shape: what sharded
+    optimizers need, whose pieces are flat slices of the parameters they come from."""
+    entries = parse_no_decay(no_decay)
+    return {n: not excluded(n, len(s), entries) for n, s in zip(names, shapes)}
 
 
 def check_no_decay(no_decay, names) -> None:
@@ -56,7 +64,7 @@ def param_groups(named_params, no_decay=DEFAULT_NO_DECAY, strict=True) -> list:
     # runs of neighbours with the same flag: the model's order is kept, so the optimizer state
     # (and a checkpoint) is laid out exactly as without groups
     for pair in pairs:
-        decay = not excluded(*pair, entries)
+        decay = not excluded(pair[0], pair[1].data.ndim, entries)
         if groups and groups[-1]["decay"] == decay:
             groups[-1]["params"].append(pair)
         else:

@@ -28,13 +28,13 @@ def resolve_checkpoint(path):
 
 
 def load_model(path, device=None):
-    """(model in eval mode, Config, checkpoint path) from a run dir or checkpoint. Tensors are
-    copied to the device one at a time, so the GPU never holds two copies of the model."""
+    """(model in eval mode, Config, checkpoint path) from a run dir or checkpoint, on ``device``
+    (the command line's), else the run config's ``train.device``, else MINILLM_DEVICE, else the
+    CPU. Tensors are copied to the device one at a time, so the GPU never holds two copies."""
     ckpt = resolve_checkpoint(path)
-    if device:
-        backend.set_device(device)
     from minillm.quant import file_kind, load_quantized
     if file_kind(ckpt) == "quantized":  # made by `minillm quantize`: QuantLinear layers
+        backend.set_device(backend.resolve_device(device)[0])
         model, cfg = load_quantized(ckpt)
         return model, cfg, ckpt
     state = load_checkpoint(ckpt, exclude=("optimizer",))  # host (numpy) arrays only
@@ -42,6 +42,7 @@ def load_model(path, device=None):
         raise UserError(f"{ckpt} is not a model checkpoint (no model/ and config/ groups); "
                         f"pass a ckpt_XXXXXXX.h5 written by minillm train")
     cfg = config_from_dict(state["config"])
+    backend.set_device(backend.resolve_device(device, cfg.train.device)[0])
     model = GPT(cfg.model, seed=cfg.train.seed)
     load_params(list(model.named_parameters()), state["model"], f"checkpoint {ckpt}")
     return model.eval(), cfg, ckpt
