@@ -202,8 +202,13 @@ def _eval(args):
     return 0
 
 
-def _finetune(args, overrides):
+def _finetune(args, overrides, state):
+    from minillm.distributed.comm import get_world_comm
     from minillm.finetune.loop import FinetuneOptions, Finetuner
+    comm = state["comm"] = get_world_comm()  # a config error: every rank says it, rank 0 prints it
+    if comm.size > 1:
+        raise UserError(f"minillm finetune runs in one process; run it without mpirun (this job has "
+                        f"{comm.size} ranks)")
     opts = FinetuneOptions(args.data, args.out, args.lora_rank, args.lora_alpha, args.lora_targets,
                            not args.no_pack, args.val_fraction, args.merge)
     if args.grpo:
@@ -279,7 +284,7 @@ def main(argv=None):
         if args.command == "memory":
             return _memory(args, extra, state)
         if args.command == "finetune":
-            return _finetune(args, extra)
+            return _finetune(args, extra, state)
         return {"prepare": _prepare, "sample": _sample, "eval": _eval, "plot": _plot,
                 "inspect": _inspect, "quantize": _quantize, "serve": _serve}[args.command](args)
     except UserError as e:

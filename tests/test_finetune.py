@@ -232,7 +232,11 @@ def test_finetune_and_eval_from_the_command_line(base_run, chat_file, tmp_path, 
 @pytest.mark.parametrize("args,words", [(("--data", "none.jsonl"), "none.jsonl: no such file"),
                                         (("--lora-rank", "2", "--lora-targets", "mlp.c_fx"), "LoRA target 'mlp.c_fx'"),
                                         (("--model.n_layer=3",), "--train.key=value overrides only"),
-                                        (("--lora-rank", "-1"), "--lora-rank=-1 must be >= 0")])
+                                        (("--lora-rank", "-1"), "--lora-rank=-1 must be >= 0"),
+                                        (("--parallel.tp=2",), "--parallel.tp=2: minillm finetune runs in one process"),
+                                        (("--parallel.dp=2", "--parallel.zero=2"), "--parallel.dp=2: minillm finetune"),
+                                        (("--lora-rank", "2", "--parallel.zero=1"), "--parallel.zero=1: minillm finetune"),
+                                        (("--train.memory_limit=1GiB",), "--train.memory_limit: the memory ledger")])
 def test_finetune_command_errors_are_one_line(base_run, chat_file, tmp_path, capsys, args, words):
     from minillm.cli import main
     code = main(["finetune", str(base_run), "--data", str(chat_file), "--out", str(tmp_path / "bad"), *args])
@@ -277,3 +281,45 @@ def test_grpo_step_climbs_the_advantage_weighted_log_likelihood(base_run, chat_f
     before = objective()
     rl.train_step()                                               # samples step 0 again: the same answers
     assert objective() > before
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2, "sp": True}, {"dp": 2, "zero": 2}])
+def test_a_base_trained_in_parallel_fine_tunes_serially(base_run, chat_file, tmp_path, layout):
+    """Checkpoints are in the serial format whatever layout wrote them: the fine-tune drops the
+    base's [parallel] section (and its run dir records the serial one) instead of crashing."""
+    from minillm.checkpoint import save_checkpoint
+    state = load_checkpoint(sorted(base_run.glob("ckpt_*.h5"))[-1], exclude=("optimizer",))
+    state["config"]["parallel"].update(layout)
+    base = tmp_path / "base" / "ckpt_0000006.h5"
+    base.parent.mkdir()
+    save_checkpoint(base, state)
+    (base.parent / "tokenizer.json").write_bytes((base_run / "tokenizer.json").read_bytes())
+    ft = finetuner(base, chat_file, tmp_path / "lora", lora_rank=2)
+    assert ft.cfg.parallel.tp == ft.cfg.parallel.dp == 1 and ft.cfg.parallel.zero == 0
+    ft.run()
+    assert load_config(tmp_path / "lora" / "config.toml").parallel.tp == 1
+
+
+def test_finetune_under_mpirun_is_one_line_on_every_rank(base_run, chat_file, tmp_path):
+    from mpi_util import run_mpi
+    r = run_mpi(2, ["-m", "minillm", "finetune", str(base_run), "--data", str(chat_file), "--out",
+                    str(tmp_path / "ft"), "--train.max_steps=1"], timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("error: minillm finetune runs in one process") == 1, r.stderr
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_recomputation_changes_no_bit_of_a_fine_tune(base_run, chat_file, tmp_path, lora_rank):
+    runs = {mode: finetuner(base_run, chat_file, tmp_path / mode, f"--train.recompute={mode}", "--train.max_steps=2",
+                            lora_rank=lora_rank) for mode in ("none", "full")}
+    from minillm.autograd.checkpoint import Checkpoint
+    from minillm.autograd.tensor import topological_order
+    for mode, ft in runs.items():  # "full" replays every block (LoRA layers inside) in backward
+        loss = ft.loss(*ft.batches.batch(0))
+        regions = [n for n in topological_order(loss) if n._ctx is not None and n._ctx.fn is Checkpoint]
+        assert len(regions) == (ft.cfg.model.n_layer if mode == "full" else 0)
+    losses = {mode: [ft.train_step()[0] for _ in range(2)] for mode, ft in runs.items()}
+    assert losses["none"] == losses["full"]
+    for (n, a), (_, b) in zip(runs["none"].precision.master_params, runs["full"].precision.master_params):
+        assert np.array_equal(backend.to_numpy(a.data), backend.to_numpy(b.data)), n

@@ -24,14 +24,15 @@ from minillm import backend
 from minillm.amp import make_precision
 from minillm.amp.dtypes import compute_dtype
 from minillm.checkpoint import checkpoint_path, save_checkpoint
-from minillm.config import apply_overrides, config_to_dict, save_config
+from minillm.config import ParallelConfig, apply_overrides, config_to_dict, save_config
 from minillm.data.chat import TEMPLATE_TOKENS, chat_tokenizer
-from minillm.errors import UserError
+from minillm.errors import ConfigError, UserError
 from minillm.finetune.adapters import adapter_path, save_adapters, sha256
 from minillm.finetune.data import PackedBatches, load_examples, pack, split_examples, tokenize_rows
 from minillm.finetune.lora import apply_lora, base_state, parameter_report, trainable_parameters
 from minillm.finetune.vocab import grow_vocab
 from minillm.model import document_mask
+from minillm.model.recompute import apply_recompute
 from minillm.optim import AdamW, clip_grad_norm, get_lr, param_groups
 from minillm.train.metrics import MetricsLog, format_line
 
@@ -61,12 +62,24 @@ class FinetuneOptions:
 
 
 def _train_config(cfg, overrides, out_dir):
-    bad = [o for o in overrides if o.startswith("-") and not o.startswith("--train.")]
+    bad = [o for o in overrides if o.startswith("-") and not o.startswith(("--train.", "--parallel."))]
     if bad:
         raise UserError(f"minillm finetune takes --train.key=value overrides only (the model comes from "
                         f"the checkpoint); got {bad[0]}")
     t = dataclasses.replace(cfg.train, **FINETUNE_TRAIN, out_dir=out_dir)
-    return apply_overrides(dataclasses.replace(cfg, train=t), overrides)
+    # The checkpoint is in the serial format whatever layout the base ran with, and a fine-tune runs
+    # in one process: it starts from the serial layout, and asking for another is an error.
+    cfg = apply_overrides(dataclasses.replace(cfg, train=t, parallel=ParallelConfig()), overrides)
+    serial = ParallelConfig()
+    for f in dataclasses.fields(ParallelConfig):
+        if getattr(cfg.parallel, f.name) != getattr(serial, f.name):
+            raise ConfigError(f"--parallel.{f.name}={getattr(cfg.parallel, f.name)}: minillm finetune runs in one "
+                              f"process (fine-tuning with data, pipeline or tensor parallelism or ZeRO is not "
+                              f"implemented); drop it")
+    if cfg.train.memory_limit:
+        raise ConfigError("--train.memory_limit: the memory ledger does not model a fine-tune (LoRA, grown "
+                          "vocabulary); drop it")
+    return cfg
 
 
 def _examples(data, tok, block_size, seed):
@@ -102,6 +115,7 @@ class Finetuner:
             names = apply_lora(model, targets, opts.lora_rank, opts.lora_alpha or None, t.seed, new_tokens_from=first_new)
             alpha = opts.lora_alpha or 2.0 * opts.lora_rank
             self.lora = {"rank": opts.lora_rank, "alpha": alpha, "targets": names, "new_tokens_from": first_new}
+        apply_recompute(model, t.recompute)  # around the LoRA layers too: they run again in backward
         self.model = model.train()
         self.report = parameter_report(model)
         self.precision = make_precision(t, trainable_parameters(model))
