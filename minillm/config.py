@@ -63,6 +63,7 @@ class TrainConfig(Section):
     decay_frac: float = 0.2       # wsd: the last fraction of steps that decays
     optimizer: Optimizer = "adamw"
     weight_decay: float = 0.1
+    no_decay: str = "ndim<2"      # parameters spared from weight decay: "ndim<2" and/or name patterns (optim/groups.py)
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8

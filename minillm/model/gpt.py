@@ -34,9 +34,9 @@ def rope_tables(head_size, positions, base=10000.0, dtype="float32"):
 
 
 @functools.lru_cache(maxsize=64)
-def _rope_cached(device_key, head_size, start, T, dtype):
+def _rope_cached(device_key, head_size, start, T, dtype, base=10000.0):
     """rope_tables for positions start..start+T-1, made (and copied to device_key) once."""
-    return rope_tables(head_size, numpy.arange(start, start + T), dtype=dtype)
+    return rope_tables(head_size, numpy.arange(start, start + T), base=base, dtype=dtype)
 
 
 class AttentionCore(Module):
@@ -166,8 +166,10 @@ class GPT(Module):
         if self.config.pos != "rope":
             return None
         if positions is None:  # the same positions for every row: tables made once per device
-            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype))
-        cos, sin = rope_tables(self.config.head_size, positions, dtype=dtype)    # (B, T, hs)
+            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype),
+                                self.config.rope_theta)
+        cos, sin = rope_tables(self.config.head_size, positions, base=self.config.rope_theta,
+                               dtype=dtype)                                      # (B, T, hs)
         return cos[:, None], sin[:, None]                                       # (B, 1, T, hs)
 
     def run_blocks(self, x, start=0, stop=None, rope=None, cache=None, attn_mask=None):

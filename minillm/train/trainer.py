@@ -33,7 +33,7 @@ from minillm.engine import Microbatch
 from minillm.errors import UserError
 from minillm.model import GPT
 from minillm.config_section import parse_size
-from minillm.optim import clip_grad_norm_device, get_lr
+from minillm.optim import check_no_decay, clip_grad_norm_device, get_lr
 from minillm.perf.allocator import tune_host_allocator
 from minillm.perf.memory import check_memory_limit, memory_ledger
 from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
@@ -114,6 +114,7 @@ class Trainer:
         self.val_sampler = BatchSampler(self.val_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
         tune_host_allocator()  # freed temporaries are reused, not re-faulted in (perf/allocator.py)
         self.model = GPT(cfg.model, seed=t.seed)  # the same initial weights on every rank
+        check_no_decay(t.no_decay, [n for n, _ in self.model.named_parameters()])
         self.n_params, self.n_matmul = self.model.num_parameters(), matmul_params(self.model)  # before tp splits it
         self.engine = build_engine(cfg, self.model, self.comm)
         self.precision = self.engine.precision
