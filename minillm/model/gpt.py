@@ -9,6 +9,7 @@ from minillm.autograd.tensor import Tensor, no_grad
 from minillm.backend import xp
 from minillm.errors import ConfigError
 from minillm.model.config import GPTConfig
+from minillm.model.vocab import mask_padded_logits
 from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm
 from minillm.nn.layers import SampleDropoutRNG
 
@@ -179,10 +180,12 @@ class GPT(Module):
         return logits, loss
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True,
+                 n_valid=None):
         """Append ``max_new_tokens`` sampled tokens to idx (B, T); returns a numpy int64 array.
 
-        temperature 0 picks the most likely token. With ``use_cache`` each new token costs one
+        temperature 0 picks the most likely token; ids >= ``n_valid`` (a vocabulary padded past
+        the tokenizer's, model/vocab.py) are never picked. With ``use_cache`` each new token costs one
         position's forward (keys and values of the prefix are kept); past block_size the context
         window slides, positions change, and the window is recomputed, exactly as without a cache.
         """
@@ -205,7 +208,8 @@ class GPT(Module):
                         cache = KVCache(self.config.n_layer) if use_cache else None
                         logits, _ = self(backend.asarray(idx[:, -bs:]), cache=cache)
                     fed = idx.shape[1]
-                    nxt = _sample(backend.to_numpy(logits.data[:, -1, :]), temperature, top_k, rng)
+                    last = mask_padded_logits(backend.to_numpy(logits.data[:, -1, :]), n_valid)  # (B, V)
+                    nxt = _sample(last, temperature, top_k, rng)
                     idx = numpy.concatenate([idx, nxt[:, None]], axis=1)
         finally:
             self.train(was_training)
