@@ -53,34 +53,42 @@ def append_line(path, line: str, what: str = "file") -> None:
         raise write_error(what, path, e) from None
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why no directory can be written at ``path`` (creating nothing), or None if one can."""
+    place = path
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        return "not a directory" + ("" if place == path else f" ({place} is a file)")
+    if not os.access(place, os.W_OK | os.X_OK):
+        cause = "read-only file system" if _read_only_mount(place) else "permission denied"
+        return cause + ("" if place == path else f" ({place} is not writable)")
+    return None
+
+
 def check_writable_dir(path, what: str = "directory", hint: str = "") -> Path:
     """Check, creating nothing, that ``path`` is (or can be made as) a directory we may write in:
     UserError naming the file in the way or the read-only place otherwise. ``os.access`` answers
     for this process (root may write through a chmod, never onto a read-only mount)."""
     path = Path(path)
+    why = _unwritable(path)
+    if why is None:
+        return path
     tail = f"; {hint}" if hint else ""
-    place = path
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        where = "" if place == path else f" ({place} is a file)"
-        raise UserError(f"{what} {path} is not a directory{where}{tail}")
-    if not os.access(place, os.W_OK | os.X_OK):
-        where = "" if place == path else f" ({place} is not writable)"
-        cause = "read-only file system" if _read_only_mount(place) else "permission denied"
-        raise UserError(f"cannot write {what} {path}: {cause}{where}{tail}")
-    return path
+    if why.startswith("not a directory"):
+        raise UserError(f"{what} {path} is {why}{tail}")
+    raise UserError(f"cannot write {what} {path}: {why}{tail}")
 
 
 def check_writable_file(path, what: str = "file", hint: str = "") -> Path:
     """Check, creating nothing, that a file may be written at ``path``; UserError otherwise."""
     path = Path(path)
+    tail = f"; {hint}" if hint else ""
     if path.is_dir():
-        raise UserError(f"{what} {path} is a directory; give a file name" + (f"; {hint}" if hint else ""))
-    try:
-        check_writable_dir(path.parent, "directory")
-    except UserError as e:
-        raise UserError(f"cannot write {what} {path}: {e}" + (f"; {hint}" if hint else "")) from None
+        raise UserError(f"{what} {path} is a directory; give a file name{tail}")
+    why = _unwritable(path.parent)
+    if why is not None:
+        raise UserError(f"cannot write {what} {path}: {why}{tail}")
     return path
 
 

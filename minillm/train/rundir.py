@@ -99,19 +99,21 @@ class RunLock:
 
     ``acquire()`` creates the directory if needed and either takes the lock (writing
     ``PID@host`` into the file) or raises a UserError naming the holder. ``release()`` removes
-    the file. Both are idempotent; one process may hold one lock per directory.
+    the file, and the directory too if ``acquire`` made it and it is still empty. Both are
+    idempotent; one process may hold one lock per directory.
     """
 
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
-        self._fd = None
+        self._fd, self._made = None, False
 
     def acquire(self) -> "RunLock":
         if self._fd is not None:
             return self
         check_writable_dir(self.run_dir, "run directory", _HINT)
         try:
+            self._made = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             while self._fd is None:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -140,6 +142,9 @@ class RunLock:
             self.path.unlink()  # while still locked: a waiter that opened it sees it is stale
         os.close(self._fd)
         self._fd = None
+        if self._made:  # a run that ended before writing anything leaves no empty directory
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
 
     @property
     def held(self) -> bool:
