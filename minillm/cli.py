@@ -191,7 +191,7 @@ def main(argv=None):
                 "inspect": _inspect}[args.command](args)
     except UserError as e:
         comm = state["comm"]
-        if comm is not None and comm.size > 1 and state["phase"] == "run":
+        if comm is not None and comm.size > 1 and state["phase"] == "run" and not e.on_every_rank:
             from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
         if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once

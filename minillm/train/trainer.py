@@ -117,7 +117,7 @@ class Trainer:
                 err = str(e)
         err = self.comm.bcast_obj(err, 0) if self.comm.size > 1 else err
         if err:
-            raise UserError(err)
+            raise UserError.everywhere(err)
         return lock
 
     def close(self):
