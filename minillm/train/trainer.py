@@ -11,6 +11,10 @@ the dropout mask of sample i at layer l is drawn from ``default_rng([seed, s, l,
 index travelling with its micro-batch (``engine.Microbatch``). So a resumed run replays exactly
 what the uninterrupted one would have done, and nothing random needs saving: a checkpoint holds
 the weights, the optimizer state, the loss scaler, the config and the step.
+
+Nothing is lost or mixed: the run directory belongs to this run while it lives (``rundir.py``:
+ownership, lock), every save prunes first and a failed one names the last good checkpoint, and
+what the console shows (step/total, ETA, MFU, the summary) comes from ``progress.py``.
 """
 import dataclasses
 import math
