@@ -69,7 +69,7 @@ class TrainConfig(Section):
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
-    ckpt_interval: int = 0        # 0 = only at the end
+    ckpt_interval: int = 250      # 0 = only at the end
     keep_last: int = 3            # 0 = keep every checkpoint
     seed: int = 1337
     dtype: DType = "float32"

@@ -161,12 +161,12 @@ def test_a_concurrent_run_fails_at_once_naming_the_holder(char_data, minillm_cli
 
 def test_presets_write_to_distinct_directories_and_checkpoint_periodically():
     from minillm.config import load_config
-    presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")) + [None]
     dirs = set()
-    for path in presets:
+    for path in presets:                                  # None: the built-in defaults
         cfg = load_config(path)
         t = cfg.train
-        assert 0 < t.ckpt_interval < t.max_steps, (path.name, t.ckpt_interval)
+        assert 0 < t.ckpt_interval < t.max_steps, (path, t.ckpt_interval)
         for overrides in ([], ["--parallel.dp=2"], ["--train.max_steps=200"]):
             dirs.add(load_config(path, overrides).train.out_dir)
     assert len(dirs) == 3 * len(presets)                  # the README's examples never collide
