@@ -16,12 +16,14 @@ Optimizer = Literal["adamw", "sgd"]
 LRSchedule = Literal["constant", "cosine", "wsd", "inv_sqrt"]
 DType = Literal["float32", "float16", "bfloat16"]
 Device = Literal["cpu", "gpu"]
-PipelineSchedule = Literal["1f1b", "gpipe"]
+DeviceSetting = Literal["auto", "cpu", "gpu"]  # train.device: "auto" = not set (MINILLM_DEVICE, else cpu)
+PipelineSchedule = Literal["1f1b", "gpipe", "zb-h1"]
 AllReduce = Literal["mpi", "ring"]               # MPI's own, or minillm's hand-written ring
-ZeroStage = Literal[0, 1]
+ZeroStage = Literal[0, 1, 2, 3]
 Norm = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
 Position = Literal["learned", "rope"]
+Recompute = Literal["none", "full", "selective"]  # activation recomputation (model/recompute.py)
 
 TOKENIZERS = get_args(Tokenizer)
 NAMED_SOURCES = get_args(NamedSource)
@@ -30,12 +32,14 @@ LR_SCHEDULES = get_args(LRSchedule)
 DTYPES = get_args(DType)
 HALF_DTYPES = ("float16", "bfloat16")
 DEVICES = get_args(Device)
+DEVICE_SETTINGS = get_args(DeviceSetting)
 PIPELINE_SCHEDULES = get_args(PipelineSchedule)
 ALLREDUCES = get_args(AllReduce)
 ZERO_STAGES = get_args(ZeroStage)
 NORMS = get_args(Norm)
 MLP_KINDS = get_args(MLPKind)
 POSITIONS = get_args(Position)
+RECOMPUTES = get_args(Recompute)
 
 
 def one_of(what: str, value, options):

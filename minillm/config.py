@@ -19,10 +19,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from minillm.choices import (NAMED_SOURCES, AllReduce, Device, DType, LRSchedule, Optimizer,
-                             PipelineSchedule, Tokenizer, ZeroStage)
+from minillm.choices import (NAMED_SOURCES, AllReduce, DeviceSetting, DType, LRSchedule, Optimizer,
+                             PipelineSchedule, Recompute, Tokenizer, ZeroStage)
 from minillm.config_section import (AT_LEAST_0, AT_LEAST_1, BELOW_1, OPEN_UNIT, POSITIVE, UNIT,
-                                    Section, field_types, parse_override, require, show, typed)
+                                    Section, field_types, parse_override, parse_size, require, show,
+                                    typed)
+from minillm.distributed.topology import layout_problem
 from minillm.errors import ConfigError
 from minillm.model.config import GPTConfig
 
@@ -73,7 +75,7 @@ class TrainConfig(Section):
     keep_last: int = 3            # 0 = keep every checkpoint
     seed: int = 1337
     dtype: DType = "float32"
-    device: Device = "cpu"
+    device: DeviceSetting = "auto"  # "auto": MINILLM_DEVICE, else cpu (backend.resolve_device)
     out_dir: str = "runs/default"
     sample_tokens: int = 300
     sample_prompt: str = ""
@@ -82,6 +84,8 @@ class TrainConfig(Section):
     progress: bool = True
     sample_interval: int = 0      # print a sample every N steps (0 = only at the end)
     threads: int = 0              # BLAS threads; 0 = chosen for the run (perf/threads.py)
+    recompute: Recompute = "none"  # activation recomputation: "full" blocks, or the "selective" attention core
+    memory_limit: str = ""        # e.g. "16GiB": refuse to start when the memory ledger predicts more per rank
     _name = "train"
     _rules = ((AT_LEAST_1, "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
                "loss_scale_growth_interval"),
@@ -97,6 +101,8 @@ class TrainConfig(Section):
         require(self.batch_size % self.grad_accum == 0,
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
         require(self.out_dir.strip() != "", "train.out_dir is empty; give the run directory, e.g. runs/my_run")
+        if self.memory_limit:
+            parse_size("train.memory_limit", self.memory_limit)
 
 
 @dataclass
@@ -107,17 +113,38 @@ class ParallelConfig(Section):
     schedule: PipelineSchedule = "1f1b"
     bucket_mb: float = 25.0       # gradient all-reduce bucket size
     allreduce: AllReduce = "mpi"   # "ring": our hand-written ring
-    partition: str = ""           # blocks per stage, e.g. "3,2,2,1"; "" = as even as possible
-    zero: ZeroStage = 0           # 0 = plain data parallel, 1 = AdamW state sharded over dp ranks
-    _name, _rules = "parallel", ((AT_LEAST_1, "dp", "pp", "microbatches"), (POSITIVE, "bucket_mb"))
+    partition: str = ""           # blocks per stage (per chunk), e.g. "3,2,2,1"; "" = as even as possible
+    zero: ZeroStage = 0           # 0 = plain dp; 1 AdamW state, 2 + gradients, 3 + parameters sharded over dp ranks
+    virtual_stages: int = 1       # chunks of layers per pipeline rank (> 1: interleaved 1F1B)
+    tp: int = 1                   # tensor-parallel ranks: every layer split across them (Megatron)
+    sp: bool = False              # sequence parallelism: norms, dropout, residuals split along T over tp
+    _name = "parallel"
+    _rules = ((AT_LEAST_1, "dp", "pp", "microbatches", "virtual_stages", "tp"), (POSITIVE, "bucket_mb"))
 
     def _validate(self):
+        require(not self.sp or self.tp > 1, "parallel.sp=true splits the sequence between tensor-parallel "
+                "ranks; it needs parallel.tp >= 2 (or set parallel.sp=false)")
         require(self.zero == 0 or self.pp == 1, f"parallel.zero={self.zero} shards the optimizer over "
                 f"data-parallel ranks only, not with parallel.pp={self.pp}; set parallel.pp=1 or parallel.zero=0")
+        require(self.zero <= 1 or self.tp == 1, f"parallel.zero={self.zero} shards gradients and weights over "
+                f"data-parallel ranks only, not with parallel.tp={self.tp}; set parallel.zero=1 or parallel.tp=1")
+        v, pp, m = self.virtual_stages, self.pp, self.microbatches
         blocks = self.partition_blocks
-        require(not blocks or len(blocks) == self.pp,
-                f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={self.pp}; "
-                "give one block count per stage")
+        require(not blocks or len(blocks) == pp * v,
+                f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={pp}"
+                + (f" x parallel.virtual_stages={v} = {pp * v}" if v > 1 else "")
+                + "; give one block count per stage")
+        if v > 1:
+            require(pp > 1, f"parallel.virtual_stages={v} interleaves a pipeline; set parallel.pp >= 2 "
+                    "or parallel.virtual_stages=1")
+            require(v <= 16, f"parallel.virtual_stages={v} is more than 16 chunks per rank; lower it")
+            require(self.schedule == "1f1b", f"parallel.virtual_stages={v} interleaves 1F1B; set "
+                    f"parallel.schedule='1f1b' (not {self.schedule!r}) or parallel.virtual_stages=1")
+            require(m % pp == 0, f"interleaved 1F1B needs parallel.microbatches={m} to be a multiple of "
+                    f"parallel.pp={pp}; use {((m + pp - 1) // pp) * pp}")
+        if self.schedule == "zb-h1" and pp > 1:
+            require(m >= pp, f"parallel.schedule='zb-h1' needs parallel.microbatches={m} >= parallel.pp={pp}; "
+                    f"use --parallel.microbatches={pp} or more")
 
     @property
     def partition_blocks(self) -> tuple:
@@ -155,14 +182,31 @@ class Config:
                 f"parallel.partition={par.partition!r} places {sum(blocks)} blocks but model.n_layer={n_layer}")
         require(blocks or par.pp <= n_layer,
                 f"parallel.pp={par.pp} is more stages than model.n_layer={n_layer} blocks; lower parallel.pp")
+        v = par.virtual_stages
+        require(blocks or v == 1 or n_layer % (par.pp * v) == 0,
+                f"parallel.virtual_stages={v} does not divide the {n_layer / par.pp:g} blocks per pipeline rank "
+                f"(model.n_layer={n_layer}, parallel.pp={par.pp}); pick v dividing n_layer / pp")
+        _check_tensor_parallel(self.model, par)
+
+
+def _check_tensor_parallel(m: GPTConfig, par: "ParallelConfig") -> None:
+    """Every split tensor-parallel layer must cut into equal whole shards (the vocabulary is padded)."""
+    tp, why = par.tp, "each tensor-parallel rank holds whole heads and equal shards: pick a tp that divides it"
+    for key in ("n_head", "n_embd"):
+        n = getattr(m, key)
+        require(n % tp == 0, f"model.{key}={n} is not divisible by parallel.tp={tp}; {why}")
+    require(m.mlp_hidden % tp == 0, f"the MLP width {m.mlp_hidden} (model.mlp={m.mlp!r}) is not divisible "
+                                    f"by parallel.tp={tp}; {why}")
+    require(not par.sp or m.block_size % tp == 0,
+            f"model.block_size={m.block_size} is not divisible by parallel.tp={tp}: parallel.sp=true "
+            f"splits every sequence into tp equal parts")
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Checks that need the number of MPI ranks: the rank grid and how the global batch splits."""
     par, tr = cfg.parallel, cfg.train
-    require(par.dp * par.pp == world_size,
-            f"parallel.dp={par.dp} x parallel.pp={par.pp} = {par.dp * par.pp} ranks but the job has {world_size}; "
-            f"launch with mpirun -np {par.dp * par.pp} or make dp x pp = {world_size}")
+    problem = layout_problem(par.dp, par.pp, par.tp, world_size)
+    require(problem is None, problem)
     per = par.dp * tr.grad_accum * par.microbatches
     require(tr.batch_size % per == 0,
             f"train.batch_size={tr.batch_size} is not divisible by parallel.dp={par.dp} x train.grad_accum="

@@ -119,3 +119,21 @@ class Section:
 
     def _validate(self):
         """Rules that involve several fields."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(key: str, text: str) -> int:
+    """Bytes in a size written like ``"80GB"``, ``"16 GiB"``, ``"512MiB"`` or ``"1e9"``."""
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgtib")
+    unit = t[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    require(unit in _SIZE_UNITS and value > 0 and math.isfinite(value),
+            f"{key}={text!r} is not a size; write e.g. '16GiB', '80GB' or '512MiB'")
+    return int(value * _SIZE_UNITS[unit])

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 from minillm.amp import FullPrecision
 from minillm.autograd.tensor import no_grad
+from minillm.backend import xp
 from minillm.distributed.grad_sync import LocalSync
+from minillm.distributed.tp_model import NoTensorParallel
 from minillm.nn.module import load_params
 
 
@@ -55,20 +57,25 @@ class Engine:
       precision          the precision object over ``named_parameters()`` (``amp/precision.py``)
       sync               the ``GradSync`` that averages gradients over data-parallel ranks
       dp_rank, dp_size   which slice of the global batch this process takes, out of how many
+      tensor_parallel    how this process's layers are cut over its tp group
+                         (``distributed/tp_model.py``; ``NoTensorParallel`` when they are whole):
+                         checkpoints, the gradient norm and the overflow vote go through it
     """
 
     precision = None
     sync = None
     dp_rank, dp_size = 0, 1
+    tensor_parallel = NoTensorParallel()
 
     def named_parameters(self) -> list:
         """The (name, Parameter) pairs this process computes with (a pipeline stage: its own)."""
         raise NotImplementedError
 
-    def forward_backward(self, microbatches: list[Microbatch]) -> float:
+    def forward_backward(self, microbatches: list[Microbatch]):
         """Forward and backward of this process's micro-batches with the loss scaled by the
-        precision object, gradients accumulated and synchronised; returns the mean loss (on a
-        pipeline, only the last stage knows it: others return 0.0 and ``reduce_loss`` fixes it)."""
+        precision object, gradients accumulated and synchronised; returns the mean loss as a 0-d
+        float64 device array, so a step never waits for the GPU (``backend.fetch`` reads it; on
+        a pipeline only the last stage knows it: others return 0.0 and ``reduce_loss`` fixes it)."""
         raise NotImplementedError
 
     def agree(self, found_inf: bool) -> bool:
@@ -77,17 +84,20 @@ class Engine:
         written into a gradient."""
         return self.sync.agree(found_inf)
 
-    def eval_loss(self, x, y) -> float:
-        """No-grad loss of one micro-batch."""
+    def eval_loss(self, x, y):
+        """No-grad loss of one micro-batch (a 0-d device array, or 0.0 off a pipeline's last stage)."""
         raise NotImplementedError
 
     def reduce_loss(self, value: float) -> float:
-        """The mean of ``value`` over data-parallel replicas, the same on every rank."""
+        """The mean of ``value`` (a float: read it with ``backend.fetch`` first) over data-parallel
+        replicas, the same on every rank."""
         raise NotImplementedError
 
-    def grad_sq_reduce(self, sq: float) -> float:
-        """This process's sum of squared (master) gradients -> the global one (for clipping)."""
-        return self.sync.grad_sq_reduce(sq)
+    def grad_sq_reduce(self, sq):
+        """This process's sum of squared (master) gradients (a 0-d device array) -> the global one
+        (for clipping; engines whose ranks hold different gradients read it on the host). A
+        parameter replicated over the tp group counts once, a split one with all its shards."""
+        return self.sync.grad_sq_reduce(self.tensor_parallel.count_once(sq, self.precision.master_params))
 
     def zero_grad(self) -> None:
         for _, p in self.named_parameters():
@@ -111,15 +121,15 @@ class Engine:
 
     def optimizer_state(self, optimizer) -> dict:
         """The optimizer state in the serial format on world rank 0. Collective."""
-        return optimizer.state_dict()
+        return self.tensor_parallel.gather_optimizer_state(optimizer.state_dict())
 
     def load_model_state(self, state: dict, source: str = "checkpoint") -> None:
-        """Copy this process's tensors out of a full (serial-format) model state."""
-        load_params(self.precision.master_params, state, source)
-        self.precision.master_to_model()
+        """Copy this process's tensors out of a full (serial-format) model state: its tp shards
+        (``tensor_parallel.local``), and of those what the sync keeps (ZeRO-2/3: its dp shards)."""
+        self.sync.load_model_state(self.precision, self.tensor_parallel.local(state), source)
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(self.tensor_parallel.local_optimizer_state(state))
 
     def write_artifacts(self, run_dir) -> None:
         """Write this rank's observability files into the run directory (a pipeline's timeline).
@@ -129,17 +139,21 @@ class Engine:
 class LocalEngine(Engine):
     """All layers on this process; micro-batches accumulate gradients, then one sync.
 
-    ``LocalEngine(model, precision=None, sync=None, dp_rank=0, dp_size=1)``: ``precision``
-    defaults to ``FullPrecision`` (float32), ``sync`` to ``LocalSync`` (a world of one); with data
-    parallelism ``sync`` is a ``DataParallel`` or ``ZeroSync`` and ``dp_rank``/``dp_size`` say
-    which slice of the global batch this process takes.
+    ``LocalEngine(model, precision=None, sync=None, dp_rank=0, dp_size=1, tensor_parallel=None)``:
+    ``precision`` defaults to ``FullPrecision`` (float32), ``sync`` to ``LocalSync`` (a world of
+    one); with data parallelism ``sync`` is a ``DataParallel`` or ``ZeroSync`` and
+    ``dp_rank``/``dp_size`` say which slice of the global batch this process takes; with tensor
+    parallelism the model's layers are already split and ``tensor_parallel`` is the plan.
     """
 
-    def __init__(self, model, precision=None, sync=None, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, model, precision=None, sync=None, dp_rank: int = 0, dp_size: int = 1,
+                 tensor_parallel=None):
         self.model = model
         self.precision = precision if precision is not None else FullPrecision(model.named_parameters())
         self.sync = sync if sync is not None else LocalSync()
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        if tensor_parallel is not None:
+            self.tensor_parallel = tensor_parallel
 
     def named_parameters(self):
         return list(self.model.named_parameters())
@@ -151,17 +165,17 @@ class LocalEngine(Engine):
             with quiet, keyed(self.model, mb):  # only the last micro-step's backward communicates
                 _, loss = self.model(mb.x, mb.y)
                 self.precision.scale_loss(loss * (1.0 / n)).backward()
-            total += float(loss.data)
+            total = total + loss.data.astype(xp.float64)  # summed on the device, in float64
         self.sync.finish_gradient_sync()
         return total / n
 
     def eval_loss(self, x, y):
         with no_grad():
             _, loss = self.model(x, y)
-        return float(loss.data)
+        return loss.data
 
     def reduce_loss(self, value):
         return self.sync.mean_over_replicas(value)
 
     def model_state(self):
-        return {name: p.data for name, p in self.precision.master_params}
+        return self.tensor_parallel.gather(self.sync.model_state(self.precision.master_params))

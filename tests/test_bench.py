@@ -82,7 +82,7 @@ def test_bench_threads_runs_a_pinned_child(minillm_cli, tmp_path, char_data, mon
             f.write(os.environ.get("OPENBLAS_NUM_THREADS", "unset") + "\\n")
     """))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(REPO)])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), str(REPO), os.environ.get("PYTHONPATH")]))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     r = subprocess.run([sys.executable, "-m", "minillm", "bench", str(TINY_CONFIG), "--steps", "2",

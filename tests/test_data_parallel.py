@@ -159,6 +159,7 @@ def worker(outdir):
 
 # ---------------------------------------------------------------- tests --------------------------
 def _close(got, want, what, tol=1e-6):
+    got, want = to_numpy(got), to_numpy(want)
     err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
     assert err <= tol, f"{what}: relative difference {err:.2e} > {tol:.0e}"
 

@@ -77,8 +77,8 @@ class MixedPrecision:
         self.model_params = list(named_params)
         self.master_params = [(name, Parameter(p.data.astype(xp.float32)))
                               for name, p in self.model_params]
-        for _, p in self.model_params:
-            p.data = p.data.astype(self.compute_dtype)
+        for _, p in self.model_params:  # (already 16-bit pieces of a ZeRO shard stay views into it)
+            p.data = p.data.astype(self.compute_dtype, copy=False)
         # The master gradients are views into one flat float32 buffer, so the inf/nan check
         # over all of them is a single reduction, whatever the number of tensors.
         sizes = [m.data.size for _, m in self.master_params]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
+from minillm import backend
 from minillm.autograd.ops import acc_dtype
 from minillm.backend import xp
 from minillm.choices import ALLREDUCES, one_of
@@ -70,13 +71,14 @@ class Bucket:
             self.slot(i)[...] = g
 
 
-def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
-    """Group parameters, last first, into buckets of at most ``bucket_mb`` MB (a parameter larger
-    than that gets a bucket of its own; a change of summing dtype starts a new bucket)."""
+def bucket_groups(named_params, bucket_mb: float) -> list[list]:
+    """(name, Parameter) pairs grouped, last first, into buckets of at most ``bucket_mb`` MB of
+    gradient (a parameter larger than that gets a bucket of its own; a change of summing dtype
+    starts a new bucket). DataParallel and ZeRO-2 bucket the same way."""
     cap = bucket_mb * 1024 * 1024
     groups, current, size, dtype = [], [], 0, None
     for name, p in reversed(list(named_params)):
-        p_dtype = acc_dtype(p.data.dtype)
+        p_dtype = xp.dtype(acc_dtype(p.data.dtype))
         nbytes = p.size * p_dtype.itemsize
         if current and (size + nbytes > cap or p_dtype != dtype):
             groups.append(current)
@@ -86,8 +88,13 @@ def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
         dtype = p_dtype
     if current:
         groups.append(current)
+    return groups
+
+
+def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
+    """Buckets (``bucket_groups``) with their flat gradient buffers."""
     buckets = []
-    for group in groups:
+    for group in bucket_groups(named_params, bucket_mb):
         offsets = numpy.cumsum([0] + [p.size for _, p in group]).tolist()
         flat = xp.zeros(offsets[-1], dtype=acc_dtype(group[0][1].data.dtype))
         buckets.append(Bucket([n for n, _ in group], [p for _, p in group], offsets[:-1], flat))
@@ -160,11 +167,14 @@ class DataParallel(GradSync):
         """Raise RuntimeError unless every rank holds bit-identical parameters (two checksums per
         parameter, compared with an all-reduce max and min)."""
         named = self._named
-        sums = numpy.empty((len(named), 2))
-        for k, (_, p) in enumerate(named):
+        if not named:
+            return
+        sums = []
+        for _, p in named:
             d = p.data.reshape(-1).astype(xp.float64)
             ramp = (xp.arange(d.size) % 251 + 1).astype(xp.float64)  # catches swapped elements
-            sums[k] = float(d.sum()), float((d * ramp).sum())
+            sums.append(xp.stack([d.sum(), (d * ramp).sum()]))
+        sums = backend.to_numpy(xp.stack(sums)).reshape(len(named), 2)  # one read of the device
         hi, lo = self.comm.allreduce_(sums.copy(), "max"), self.comm.allreduce_(sums.copy(), "min")
         same = (hi == lo) | (numpy.isnan(hi) & numpy.isnan(lo))
         bad = [named[k][0] for k in range(len(named)) if not same[k].all()]
@@ -216,10 +226,13 @@ class DataParallel(GradSync):
         self._next += 1
 
     def _poke(self):
-        """Let MPI progress in-flight reductions (most MPI libraries only move data inside calls)."""
+        """Let MPI progress in-flight reductions (most MPI libraries only move data inside calls),
+        and start those whose device-to-host copy has finished (GPU staging), strictly in order."""
         for b in self.buckets[:self._next]:
             if b.request is not None:
                 b.request.test()
+                if not b.request.started:  # a later bucket must not start before this one
+                    break
 
     # ------------------------------------------------------------------ after backward
     def finish_gradient_sync(self):

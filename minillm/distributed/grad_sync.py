@@ -13,14 +13,22 @@ sum of squared gradients -> the global one) and ``mean_over_replicas(value)``. I
 optimizer that fits it (``make_optimizer``), so that choosing the sync is the only place a run
 decides between plain and ZeRO data parallelism.
 
+Where the master weights live is the sync's business too, because ZeRO-2 and ZeRO-3 shard them:
+``owned(named)`` says which (name, parameter) pairs this rank keeps master weights, gradients and
+optimizer state for (the precision object and the optimizer are built over those), and
+``model_state`` / ``load_model_state`` turn them into / from full tensors by serial name.
+
 Implementations: ``LocalSync`` (below, a world of one: does nothing), ``DataParallel``
-(``data_parallel.py``: bucketed all-reduce overlapped with backward) and ``ZeroSync``
-(``zero.py``: reduce-scatter into this rank's shard). ``train/build.py`` picks one.
+(``data_parallel.py``: bucketed all-reduce overlapped with backward), ``ZeroSync`` (``zero.py``,
+ZeRO-1: reduce-scatter into this rank's shard), ``Zero2Sync`` (``zero2.py``: gradients
+reduce-scattered in buckets during backward, sharded) and ``Zero3Sync`` (``zero3.py``: parameters
+sharded too, gathered block by block). ``train/build.py`` picks one.
 """
 from __future__ import annotations
 
 import contextlib
 
+from minillm.nn.module import load_params
 from minillm.optim import make_optimizer as _plain_optimizer
 
 
@@ -56,6 +64,22 @@ class GradSync:
     def make_optimizer(self, train_cfg, params):
         """The optimizer over ``params`` (the float32 master weights) for ``train.optimizer``."""
         return _plain_optimizer(train_cfg, params)
+
+    def owned(self, named_params) -> list:
+        """The (name, Parameter) pairs whose master weights, gradients and optimizer state this
+        rank keeps (what ``train/build.py`` builds the precision object over): ``named_params``
+        themselves, or this rank's pieces of them where they are sharded (ZeRO-2/3)."""
+        return list(named_params)
+
+    def model_state(self, master_params) -> dict:
+        """The full master weights by serial name, at least on the group's rank 0. Collective."""
+        return {name: p.data for name, p in master_params}
+
+    def load_model_state(self, precision, state: dict, source: str) -> None:
+        """Copy this rank's part of a full (serial-format) model state into the master weights of
+        ``precision``, and from them into the model."""
+        load_params(precision.master_params, state, source)
+        precision.master_to_model()
 
 
 class LocalSync(GradSync):

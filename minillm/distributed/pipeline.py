@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy
 
-import minillm.functional as F
-from minillm.autograd.tensor import Tensor, no_grad
+from minillm.autograd.tensor import DeferredWeightGrads, Tensor, no_grad
 from minillm.backend import xp
-from minillm.distributed.pipeline_schedule import COMPUTE, schedule
+from minillm.distributed.pipeline_schedule import COMPUTE, SPLIT, schedule
 from minillm.distributed.timeline import Timeline, activation_bytes, timeline_record
 from minillm.distributed.topology import TIED
 from minillm.engine import Engine, keyed
 
-_ACT, _GRAD, _DTYPE, _STATE = 11, 12, 13, 14   # message tags
+_DTYPE, _STATE, _ACT, _GRAD = 13, 14, 8192, 16384   # message tags (_ACT, _GRAD: + micro, chunk)
 
 
 def _as_bytes(a):
@@ -52,36 +51,58 @@ class PipelineEngine(Engine):
     """This rank's stage of a (dp, pp) grid, behind the ``Engine`` interface (``minillm/engine.py``).
 
     ``PipelineEngine(model, topo, bounds, named, sync, precision, schedule="1f1b", microbatches=1,
-    keep_step=None)``: ``topo`` the rank grid (``topology.make_topology``), ``bounds`` every
-    stage's block range, ``named`` this stage's (name, Parameter) pairs (the other stages'
-    parameters already dropped from ``model``), ``sync`` the gradient sync over this stage's
-    data-parallel group, ``precision`` over ``named``. ``train/build.py`` makes all of these.
+    virtual_stages=1, keep_step=None)``: ``topo`` the rank grid (``topology.make_topology``),
+    ``bounds`` the block range of every chunk in model order (``topology.stage_bounds``; chunk g
+    on stage g % pp, ``virtual_stages`` chunks per stage), ``named`` this stage's (name,
+    Parameter) pairs (the other stages' parameters already dropped from ``model``), ``sync`` the
+    gradient sync over this stage's data-parallel group, ``precision`` over ``named``.
+    ``train/build.py`` makes all of these.
 
-    ``forward_backward`` runs the schedule ``len(microbatches) / microbatches`` times (gradient
-    accumulation rounds), then averages gradients in each stage's data-parallel group and sums
-    the tied embedding's between the first and last stage. Every step is recorded
-    (``timeline``); the latest one (or step ``keep_step`` of this process, counting from 0) is
-    written to ``timeline_rank{R}.json`` by ``write_artifacts``.
+    ``forward_backward`` runs the schedule's steps (``pipeline_schedule.py``) ``len(microbatches)
+    / microbatches`` times (gradient accumulation rounds): F receives a chunk's input, runs it and
+    sends its output on; B receives the gradient of the output, back-propagates and sends the
+    gradient of the input back (split schedules leave the weights' gradients in a queue); W runs
+    that queue. Then gradients are averaged in each stage's data-parallel group and the tied
+    embedding's summed between the first and last stage. Every step is recorded (``timeline``);
+    the latest one (or step ``keep_step`` of this process, counting from 0) is written to
+    ``timeline_rank{R}.json`` by ``write_artifacts``.
     """
 
     comm_wait_s = 0.0  # seconds the last step spent in receives, sends and all-reduces
 
     def __init__(self, model, topo, bounds, named, sync, precision, schedule="1f1b", microbatches=1,
-                 keep_step=None):
+                 virtual_stages=1, keep_step=None, tensor_parallel=None):
         self.model, self.topo, self.comm = model, topo, topo.world
-        self.stage, self.pp, self.m = topo.stage, topo.pp, microbatches
+        self.stage, self.pp, self.m, self.v = topo.stage, topo.pp, microbatches, virtual_stages
         self.dp_rank, self.dp_size = topo.dp_rank, topo.dp
-        self.schedule_name = schedule
+        self.schedule_name, self.split = schedule, schedule in SPLIT
         self.bounds = bounds
-        self.start, self.stop = bounds[self.stage]
+        self.last_chunk = len(bounds) - 1                    # global index of the model's last chunk
         self.tied = model.config.tie_embeddings
         self._named = list(named)
         self.sync, self.precision = sync, precision
+        if tensor_parallel is not None:  # each stage split over its tp group (tp_model.py)
+            self.tensor_parallel = tensor_parallel
         self.timeline, self.kept, self.keep_step, self.steps = Timeline(), None, keep_step, 0
-        self._sends, self._act_dtype, self._dtype_sent = [], None, False
+        self._sends, self._act_dtype, self._dtype_sent = [], {}, set()
 
     def named_parameters(self):
         return list(self._named)
+
+    # ------------------------------------------------------------------ where chunks live
+    def _global(self, chunk):
+        """Chunk ``chunk`` of this rank is chunk ``chunk * pp + stage`` of the model."""
+        return chunk * self.pp + self.stage
+
+    def _neighbour(self, g):
+        """(pipeline rank, that rank's local chunk index) of the model's chunk ``g``."""
+        return g % self.pp, g // self.pp
+
+    @staticmethod
+    def _tag(base, micro, chunk):
+        """Messages carry (micro-batch, receiving chunk) in their tag, so none can be mistaken for
+        another whatever order the schedules post them in (tags stay below MPI's minimum 32767)."""
+        return base + (micro % 512) * 16 + chunk
 
     # ------------------------------------------------------------------ messages
     def _isend(self, a, dest, tag, micro=None):
@@ -105,57 +126,83 @@ class PipelineEngine(Engine):
             _wait(self.topo.pipe_comm.irecv(buf, source, tag), self._poke)
         return buf.view(dtype).reshape(shape)
 
-    def _send_activation(self, a, micro=None):
-        if not self._dtype_sent:  # the first message says which dtype every activation will have
+    def _send_activation(self, a, g, micro):
+        dest, chunk = self._neighbour(g + 1)
+        if dest not in self._dtype_sent:  # the first message to a rank says which dtype follows
             name = numpy.frombuffer(str(a.dtype).encode().ljust(16), dtype=numpy.uint8).copy()
-            self.topo.pipe_comm.send(name, self.topo.next_stage, _DTYPE)
-            self._dtype_sent = True
-        self._isend(a, self.topo.next_stage, _ACT, micro)
+            self.topo.pipe_comm.send(name, dest, _DTYPE)
+            self._dtype_sent.add(dest)
+        self._isend(a, dest, self._tag(_ACT, micro, chunk), micro)
 
-    def _recv_activation(self, x, micro=None):
-        if self._act_dtype is None:
+    def _recv_activation(self, x, g, micro):
+        source, _ = self._neighbour(g - 1)
+        if source not in self._act_dtype:  # (waiting, keep our own sends moving: the peer may need them)
             name = numpy.empty(16, dtype=numpy.uint8)
-            self.topo.pipe_comm.recv(name, self.topo.prev_stage, _DTYPE)
-            self._act_dtype = numpy.dtype(name.tobytes().decode().strip())
-        shape = (*x.shape, self.model.config.n_embd)                  # (B, T, C)
-        return self._recv(shape, self._act_dtype, self.topo.prev_stage, _ACT, micro)
+            _wait(self.topo.pipe_comm.irecv(name, source, _DTYPE), self._poke)
+            self._act_dtype[source] = numpy.dtype(name.tobytes().decode().strip())
+        B, T = x.shape
+        shape = (B, self.tensor_parallel.seq_len(T), self.model.config.n_embd)  # (B, T or T/tp, C)
+        return self._recv(shape, self._act_dtype[source], source,
+                          self._tag(_ACT, micro, g // self.pp), micro)
 
-    # ------------------------------------------------------------------ one stage's compute
-    def _stage_forward(self, x, received=None):
-        """(input leaf or None, output): embeddings on stage 0, else the received activations."""
-        if self.topo.is_first:
+    # ------------------------------------------------------------------ one chunk's compute
+    def _chunk_forward(self, x, g, received=None):
+        """(input leaf or None, output) of model chunk ``g``: embeddings first on chunk 0, else the
+        received activations."""
+        if g == 0:
             inp, h = None, self.model.embed(x)                            # (B, T, C)
         else:
             inp = h = Tensor(received, requires_grad=True)                # (B, T, C)
         rope = self.model.rope_for(x.shape[1], dtype=str(h.dtype))
-        return inp, self.model.run_blocks(h, self.start, self.stop, rope)
+        start, stop = self.bounds[g]
+        return inp, self.model.run_blocks(h, start, stop, rope)
 
-    def _forward(self, micro, mb, n):
-        received = None if self.topo.is_first else self._recv_activation(mb.x, micro)
-        with self.timeline.span("forward", micro), keyed(self.model, mb):
-            inp, h = self._stage_forward(mb.x, received)
-            if self.topo.is_last:
-                loss = F.cross_entropy(self.model.head(h), mb.y)
+    def _forward(self, micro, chunk, mb, n):
+        g = self._global(chunk)
+        received = None if g == 0 else self._recv_activation(mb.x, g, micro)
+        with self.timeline.span("forward", micro, chunk), keyed(self.model, mb):
+            inp, h = self._chunk_forward(mb.x, g, received)
+            if g == self.last_chunk:
+                loss = self.model.criterion(self.model.head(h), mb.y)
                 out = self.precision.scale_loss(loss * (1.0 / n))
-                self._losses.append(float(loss.data))
+                self._losses.append(loss.data.astype(xp.float64))  # read only when reported
             else:
                 out = h
-        self.timeline.alive(micro, activation_bytes(out, self._param_ids))
-        if not self.topo.is_last:
-            self._send_activation(h.data, micro)
-        self._graphs[micro] = (inp, out)
+        self._graphs[micro, chunk] = (inp, out)
+        self._alive(micro, chunk, activation_bytes(out, self._param_ids))
+        if g != self.last_chunk:
+            self._send_activation(h.data, g, micro)
 
-    def _backward(self, micro, sync):
-        inp, out = self._graphs.pop(micro)
+    def _backward(self, micro, chunk, sync):
+        """B: back-propagate one chunk of one micro-batch and send the input's gradient upstream;
+        with a split schedule the weights' gradients wait in a queue for ``_weights``."""
+        g = self._global(chunk)
+        inp, out = self._graphs.pop((micro, chunk))
         grad = None
-        if not self.topo.is_last:
-            grad = self._recv(out.shape, out.dtype, self.topo.next_stage, _GRAD, micro)
+        if g != self.last_chunk:
+            dest, _ = self._neighbour(g + 1)
+            grad = self._recv(out.shape, out.dtype, dest, self._tag(_GRAD, micro, chunk), micro)
+        queue = DeferredWeightGrads() if self.split else None
         quiet = contextlib.nullcontext() if sync else self.sync.no_sync()
-        with self.timeline.span("backward", micro), quiet:
-            out.backward(grad)
-        self.timeline.alive(micro, 0)
-        if not self.topo.is_first:
-            self._isend(inp.grad, self.topo.prev_stage, _GRAD, micro)
+        with self.timeline.span("backward", micro, chunk), quiet:
+            out.backward(grad, defer=queue)
+        if queue is not None:
+            self._deferred[micro, chunk] = queue
+        self._alive(micro, chunk, queue.nbytes if queue is not None else 0)
+        if g != 0:
+            source, src_chunk = self._neighbour(g - 1)
+            self._isend(inp.grad, source, self._tag(_GRAD, micro, src_chunk), micro)
+
+    def _weights(self, micro, chunk, sync):
+        """W: the weight gradients B left for later (zero-bubble schedules)."""
+        queue = self._deferred.pop((micro, chunk))
+        quiet = contextlib.nullcontext() if sync else self.sync.no_sync()
+        with self.timeline.span("weight", micro, chunk), quiet:
+            queue.run()
+        self._alive(micro, chunk, 0)
+
+    def _alive(self, micro, chunk, nbytes):
+        self.timeline.alive((micro, chunk), nbytes)
 
     # ------------------------------------------------------------------ the engine interface
     def forward_backward(self, microbatches):
@@ -164,25 +211,31 @@ class PipelineEngine(Engine):
         n, m = len(microbatches), self.m
         if n % m:
             raise ValueError(f"{n} micro-batches are not a whole number of pipeline rounds of {m}")
-        self._losses, self._graphs = [], {}
+        self._losses, self._graphs, self._deferred = [], {}, {}
         self._param_ids = {id(p.data) for _, p in self._named}  # (precision may swap the arrays)
         self.timeline.start(self.topo.pipe_comm)
-        plan = schedule(self.schedule_name, self.pp, self.stage, m)
+        plan = schedule(self.schedule_name, self.pp, self.stage, m, self.v)
         for r in range(0, n, m):  # grad_accum rounds of the pipeline
-            for kind, i in plan:
+            for kind, i, chunk in plan:
+                last = r + i == n - 1  # only the last micro-batch lets the gradient sync talk
                 if kind == "F":
-                    self._forward(r + i, microbatches[r + i], n)
-                else:  # only the very last backward lets the gradient sync start communicating
-                    self._backward(r + i, sync=r + i == n - 1)
+                    self._forward(r + i, chunk, microbatches[r + i], n)
+                elif kind == "B":
+                    self._backward(r + i, chunk, sync=last)
+                else:
+                    self._weights(r + i, chunk, sync=last)
         self._finish_sends()
         with self.timeline.span("allreduce"):
             self.sync.finish_gradient_sync()
             self._sum_tied_grads()
-        self.comm_wait_s = sum(e - s for k, s, e, _ in self.timeline.events if k not in COMPUTE)
+        self.comm_wait_s = sum(e - s for k, s, e, _, _ in self.timeline.events if k not in COMPUTE)
         if self.keep_step is None or self.steps == self.keep_step:
             self.kept = (self.steps, list(self.timeline.events), self.timeline.summary())
         self.steps += 1
-        return sum(self._losses) / n if self._losses else 0.0
+        total = 0.0
+        for loss in self._losses:  # summed in order on the device, as the serial engine does
+            total = total + loss
+        return total / n if self._losses else 0.0
 
     def _sum_tied_grads(self):
         """The embedding's two gradient parts (input side on stage 0, output side on the last)."""
@@ -199,27 +252,35 @@ class PipelineEngine(Engine):
     def eval_loss(self, x, y):
         """No-grad loss of one micro-batch through the whole pipeline (0.0 except on the last stage)."""
         self._poke()
-        received = None if self.topo.is_first else self._recv_activation(x)
-        with no_grad():
-            _, h = self._stage_forward(x, received)
-            if self.topo.is_last:
-                return float(F.cross_entropy(self.model.head(h), y).data)
-            self._send_activation(h.data)
-        return 0.0
+        loss = 0.0
+        for chunk in range(self.v):
+            g = self._global(chunk)
+            received = None if g == 0 else self._recv_activation(x, g, 0)
+            with no_grad():
+                _, h = self._chunk_forward(x, g, received)
+                if g == self.last_chunk:
+                    loss = self.model.criterion(self.model.head(h), y).data  # on the device
+                else:
+                    self._send_activation(h.data, g, 0)
+        return loss
 
     def reduce_loss(self, value):
-        """The last stage's value, averaged over the data-parallel replicas, on every rank."""
+        """The last stage's value, averaged over the data-parallel replicas, on every rank (the
+        tp ranks of a stage all know it: one of them speaks)."""
         self._finish_sends()
-        return self.comm.allreduce_scalar(value if self.topo.is_last else 0.0, "sum") / self.dp_size
+        speaks = self.topo.is_last and self.topo.tp_rank == 0
+        return self.comm.allreduce_scalar(value if speaks else 0.0, "sum") / self.dp_size
 
     def grad_sq_reduce(self, sq):
-        """Sum of squared gradients over the stages, the tied embedding counted once."""
+        """Sum of squared gradients over the stages, the tied embedding counted once (and, within
+        a stage, a parameter replicated over the tp group once, through the sync)."""
         if self.tied and self.topo.is_last:
             g = dict(self.precision.master_params)[TIED].grad
             if g is not None:
                 g = g.reshape(-1).astype(xp.float64)
-                sq -= float(xp.dot(g, g))
-        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")
+                sq = sq - xp.dot(g, g)
+        sq = self.sync.grad_sq_reduce(self.tensor_parallel.count_once(sq, self.precision.master_params))
+        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")  # stages differ: read once per step
 
     # ------------------------------------------------------------------ checkpoints
     def _gather(self, local: dict) -> dict:
@@ -251,14 +312,15 @@ class PipelineEngine(Engine):
 
     def model_state(self):
         """The full model by serial name on world rank 0 (every rank must call it)."""
-        full = self._gather({n: p.data for n, p in self.precision.master_params})
+        full = self._gather(self.tensor_parallel.gather({n: p.data for n, p in self.precision.master_params}))
         return {n: full[n] for n in self._serial_order() if n in full}
 
     def optimizer_state(self, optimizer):
         """The full optimizer state in the serial format on world rank 0 ({} elsewhere)."""
         sd = optimizer.state_dict()
         names = {n for stage in self.topo.pipe_comm.allgather_obj(list(sd["state"])) for n in stage}
-        full = self._gather({f"{n}/{k}": a for n, st in sd["state"].items() for k, a in st.items()})
+        full = self._gather(self.tensor_parallel.gather(
+            {f"{n}/{k}": a for n, st in sd["state"].items() for k, a in st.items()}))
         if self.comm.rank != 0:
             return {}
         state = {n: {} for n in self._serial_order() if n in names}
@@ -269,8 +331,8 @@ class PipelineEngine(Engine):
 
     def load_optimizer_state(self, optimizer, state):
         mine = set(optimizer.names)
-        optimizer.load_state_dict({**state, "state": {n: st for n, st in state["state"].items()
-                                                      if n in mine}})
+        optimizer.load_state_dict(self.tensor_parallel.local_optimizer_state(
+            {**state, "state": {n: st for n, st in state["state"].items() if n in mine}}))
 
     # ------------------------------------------------------------------ observability
     def write_artifacts(self, run_dir):
@@ -283,7 +345,7 @@ class PipelineEngine(Engine):
         stages = self.topo.pipe_comm.allgather_obj(self.kept[2])
         rec = timeline_record(self.kept, stages, rank=self.comm.rank, stage=self.stage,
                               dp_rank=self.dp_rank, pp=self.pp, dp=self.dp_size,
-                              microbatches=self.m, schedule=self.schedule_name)
+                              microbatches=self.m, schedule=self.schedule_name, v=self.v)
         path = Path(out_dir) / f"timeline_rank{self.comm.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec))

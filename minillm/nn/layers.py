@@ -1,9 +1,9 @@
-"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout (each a thin Module over a fused op).
+"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, CrossEntropyLoss (thin Modules over fused ops).
 
 Initial values come from an explicit numpy Generator (``rng``) so that runs are reproducible;
-they are drawn on the host in float32 and moved to the device once.
+they are drawn on the host in float32 and moved to the device once. A GPT's dropout masks come
+from ``SampleDropoutRNG`` (``dropout_rng.py``: keyed by sample, drawn on the device).
 """
-import contextlib
 import math
 
 import numpy
@@ -11,6 +11,7 @@ import numpy
 import minillm.functional as F
 from minillm import backend
 from minillm.backend import xp
+from minillm.nn.dropout_rng import LayerDropoutRNG, SampleDropoutRNG  # noqa: F401  (re-exported)
 from minillm.nn.module import Module, Parameter
 
 
@@ -69,7 +70,8 @@ class RMSNorm(Module):
 
 
 class Dropout(Module):
-    """Inverted dropout; masks come from ``rng`` (a numpy Generator the owner saves and restores)."""
+    """Inverted dropout; masks come from ``rng``: a numpy Generator, or a ``LayerDropoutRNG``
+    (keyed by sample, drawn on the device: what a GPT uses)."""
 
     def __init__(self, p=0.0, rng=None):
         super().__init__()
@@ -82,55 +84,8 @@ class Dropout(Module):
         return F.dropout(x, self.p, self.rng, training=self.training)
 
 
-class SampleDropoutRNG:
-    """Dropout randomness keyed by (seed, step, layer, sample): layout-independent masks.
+class CrossEntropyLoss(Module):
+    """The loss as a module (no parameters): ``criterion(logits, targets)``, F.cross_entropy."""
 
-    The mask for sample i of the global batch at dropout layer l in optimizer step s is drawn from
-    ``numpy.random.default_rng([seed, s, l, i])``. The sample index travels with the micro-batch:
-    an engine runs each micro-batch's forward inside ``keyed(step, row0)``, ``row0`` being the
-    global index of its first sample, so row r of that micro-batch is sample ``row0 + r``.
-    Whichever data-parallel rank, pipeline stage or accumulation micro-step computes sample i, in
-    whatever order, and however often (a recomputation replays the same key), it draws the same
-    mask: parallel runs equal serial runs even with dropout, and a resumed run needs no RNG state.
-
-    Outside ``keyed`` (a hand-written loop) every call draws fresh masks, counted per layer.
-    """
-
-    def __init__(self, seed=0):
-        self.seed = int(seed)
-        self.key = None                  # (step, row0) of the micro-batch being computed
-        self.calls = {}                  # per-layer call counts, for unkeyed calls only
-
-    @contextlib.contextmanager
-    def keyed(self, step, row0=0):
-        """Masks drawn inside are those of samples row0, row0 + 1, ... of step ``step``."""
-        prev, self.key = self.key, (int(step), int(row0))
-        try:
-            yield
-        finally:
-            self.key = prev
-
-    def for_layer(self, layer):
-        """A generator-like object for one Dropout layer (``.random(shape, dtype)``)."""
-        return _LayerRNG(self, int(layer))
-
-    def state_dict(self):
-        return {"seed": self.seed, "scheme": "default_rng([seed, step, layer, sample])"}
-
-
-class _LayerRNG:
-    def __init__(self, source, layer):
-        self.source, self.layer = source, layer
-
-    def random(self, shape, dtype="float32"):
-        s = self.source
-        out = numpy.empty(shape, dtype=dtype)
-        if s.key is None:  # no sample keys: fresh masks every call
-            k = s.calls.get(self.layer, 0)
-            s.calls[self.layer] = k + 1
-            out[...] = numpy.random.default_rng([s.seed, 2**32 - 1, self.layer, k]).random(shape, dtype=dtype)
-            return out
-        step, row0 = s.key
-        for r in range(shape[0]):  # one stream per sample (B, ...) -> the row's mask
-            out[r] = numpy.random.default_rng([s.seed, step, self.layer, row0 + r]).random(shape[1:], dtype=dtype)
-        return out
+    def forward(self, logits, targets, ignore_index=-100):
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)

@@ -11,7 +11,8 @@ Typical use in a training step::
     opt.zero_grad()
 """
 from minillm.optim.adamw import AdamW
-from minillm.optim.clip import clip_grad_norm, global_grad_norm, grad_square_sum, scale_grads
+from minillm.optim.clip import (clip_grad_norm, clip_grad_norm_device, global_grad_norm,
+                                grad_square_sum, scale_grads)
 from minillm.optim.optimizer import Optimizer
 from minillm.optim.schedules import (SCHEDULES, check_schedule, constant_lr, cosine_lr, get_lr,
                                      inv_sqrt_lr, warmup_lr, wsd_lr)
@@ -28,7 +29,7 @@ def make_optimizer(train_cfg, params):
 
 __all__ = [
     "AdamW", "SGD", "Optimizer", "make_optimizer",
-    "clip_grad_norm", "global_grad_norm", "grad_square_sum", "scale_grads",
+    "clip_grad_norm", "clip_grad_norm_device", "global_grad_norm", "grad_square_sum", "scale_grads",
     "get_lr", "check_schedule", "SCHEDULES",
     "warmup_lr", "constant_lr", "cosine_lr", "wsd_lr", "inv_sqrt_lr",
 ]

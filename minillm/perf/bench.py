@@ -121,7 +121,7 @@ def measure(config=None, overrides=(), steps=10, warmup=3, with_torch=False, thr
     from minillm.perf.flops import measure_matmul_peak
     from minillm.train.trainer import resolve_vocab
     cfg = load_config(config, overrides)
-    backend.set_device(cfg.train.device)
+    backend.set_device(backend.resolve_device(config=cfg.train.device)[0])
     batches, vocab = _batches(cfg, steps + warmup)
     cfg = resolve_vocab(cfg, {"vocab_size": vocab})
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))

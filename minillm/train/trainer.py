@@ -7,8 +7,8 @@ the engine (``minillm/engine.py``: serial, data parallel, ZeRO, pipeline, built 
 object; the loop itself is the same for all.
 
 Reproducibility: the batch of step s is a function of (seed, s) only (``data/sampler.py``), and
-the dropout mask of sample i at layer l is drawn from ``default_rng([seed, s, l, i])``, the sample
-index travelling with its micro-batch (``engine.Microbatch``). So a resumed run replays exactly
+the dropout mask of sample i at layer l is a hash of (seed, s, l, i, position, channel)
+(``nn/dropout_rng.py``), the sample index travelling with its micro-batch (``engine.Microbatch``). So a resumed run replays exactly
 what the uninterrupted one would have done, and nothing random needs saving: a checkpoint holds
 the weights, the optimizer state, the loss scaler, the config and the step.
 
@@ -36,8 +36,10 @@ from minillm.engine import Microbatch
 from minillm.errors import UserError
 from minillm.fileio import write_atomic, write_error
 from minillm.model import GPT
-from minillm.optim import clip_grad_norm, get_lr
+from minillm.config_section import parse_size
+from minillm.optim import clip_grad_norm_device, get_lr
 from minillm.perf.allocator import tune_host_allocator
+from minillm.perf.memory import check_memory_limit, memory_ledger
 from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
 from minillm.perf.threads import apply_threads
 from minillm.train.build import build_engine
@@ -101,7 +103,8 @@ class Trainer:
     def __init__(self, cfg, comm=None, resume=None, log=None, overwrite=False):
         self.comm = comm or get_world_comm()
         check_layout(cfg, self.comm.size)
-        backend.set_device(cfg.train.device)
+        self.device, self.device_source = backend.resolve_device(config=cfg.train.device)
+        backend.set_device(self.device)
         self.rank0 = self.comm.rank == 0
         self.log = log or (lambda msg: print(msg, flush=True))
         self.lock = self._claim(cfg.train.out_dir, resume, overwrite)
@@ -131,11 +134,17 @@ class Trainer:
 
     def _build(self, cfg, resume):
         self.threads = apply_threads(cfg, self.comm.size)
+        if backend.is_gpu():  # which GPU this rank uses, from its rank on the node (every rank says)
+            print(f"rank {self.comm.rank}: {backend.use_gpu_for_rank(*self.comm.node_rank_and_size())}",
+                  flush=True)
         self.ddir, meta = prepare_data(cfg, self.comm)
         # the saved config names the dataset by absolute path, so sample / eval / resume work from any cwd
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(self.ddir).resolve())))
         self.cfg = cfg = resolve_vocab(cfg, meta)
         t = cfg.train
+        if t.memory_limit:  # refuse before anything is allocated (the same verdict on every rank)
+            check_memory_limit(memory_ledger(cfg, gpu=self.device == "gpu"),
+                               parse_size("train.memory_limit", t.memory_limit), "train.memory_limit")
         self.run_dir = Path(t.out_dir)
         self.train_data = TokenDataset(self.ddir, "train")
         self.val_data = TokenDataset(self.ddir, "val")
@@ -143,6 +152,7 @@ class Trainer:
         self.val_sampler = BatchSampler(self.val_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
         tune_host_allocator()  # freed temporaries are reused, not re-faulted in (perf/allocator.py)
         self.model = GPT(cfg.model, seed=t.seed)  # the same initial weights on every rank
+        self.n_params, self.n_matmul = self.model.num_parameters(), matmul_params(self.model)  # before tp splits it
         self.engine = build_engine(cfg, self.model, self.comm)
         self.precision = self.engine.precision
         self.optimizer = self.engine.make_optimizer(t)
@@ -187,8 +197,12 @@ class Trainer:
         total = 0.0
         for i in range(self.cfg.train.eval_iters):
             mbs = self.local_microbatches(0, sampler, eval_index=i)
-            total += sum(self.engine.eval_loss(mb.x, mb.y) for mb in mbs) / len(mbs)
+            part = 0.0
+            for mb in mbs:  # summed on the device, read once below
+                part = part + self.engine.eval_loss(mb.x, mb.y)
+            total = total + part / len(mbs)
         self.model.train()
+        (total,) = backend.fetch(total)
         return self.engine.reduce_loss(total / self.cfg.train.eval_iters)
 
     # ------------------------------------------------------------------ checkpoints
@@ -197,6 +211,7 @@ class Trainer:
             "meta": {"step": self.step, "tokens_seen": self.tokens_seen,
                      "best_val_loss": self.best_val,
                      "layout": {"dp": self.cfg.parallel.dp, "pp": self.cfg.parallel.pp,
+                                "tp": self.cfg.parallel.tp, "sp": self.cfg.parallel.sp,
                                 "world_size": self.comm.size}},
             "config": config_to_dict(self.cfg),
             "model": self.engine.model_state(),
@@ -259,7 +274,10 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self):
+    def step_on_device(self):
+        """One optimizer step; the loss and grad norm stay 0-d device arrays (nothing waits for a
+        GPU here except the overflow decision of mixed precision). Returns (loss, lr, grad_norm,
+        found_inf)."""
         t = self.cfg.train
         lr = get_lr(self.step, t)
         mbs = self.local_microbatches(self.step)
@@ -267,13 +285,19 @@ class Trainer:
             loss = self.engine.forward_backward(mbs)
             found_inf = self.precision.grads_to_master(agree=self.engine.agree)  # same on every rank
         params = [p for _, p in self.precision.master_params]
-        grad_norm = clip_grad_norm(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
+        grad_norm = clip_grad_norm_device(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
         if not found_inf:
             self.optimizer.step(lr=lr)
             self.precision.master_to_model()  # so evaluation and samples see this step's weights
         self.precision.update(found_inf)
         self.optimizer.zero_grad()
         self.engine.zero_grad()
+        return loss, lr, grad_norm, found_inf
+
+    def train_step(self):
+        """``step_on_device`` with the loss (averaged over replicas) and grad norm read as floats."""
+        loss, lr, grad_norm, found_inf = self.step_on_device()
+        loss, grad_norm = backend.fetch(loss, grad_norm)
         return self.engine.reduce_loss(loss), lr, grad_norm, found_inf
 
     def run(self):
@@ -283,11 +307,13 @@ class Trainer:
             self.close()
 
     def _header(self, peak):
-        t, cfg = self.cfg.train, self.cfg
-        return (f"minillm {__version__} | {self.model.num_parameters() / 1e6:.2f}M parameters | "
-                f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} | "
-                f"dtype {t.dtype} | world {self.comm.size} (dp {cfg.parallel.dp}, pp {cfg.parallel.pp}) | "
-                f"threads {self.threads} | matmul peak {peak / 1e9:.0f} GFLOP/s | run dir {self.run_dir}")
+        t, par = self.cfg.train, self.cfg.parallel
+        tp = f", tp {par.tp}{' + sp' if par.sp else ''}" if par.tp > 1 else ""
+        return (f"minillm {__version__} | {self.n_params / 1e6:.2f}M parameters | "
+                f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} "
+                f"({self.device_source}) | dtype {t.dtype} | world {self.comm.size} (dp {par.dp}, "
+                f"pp {par.pp}{tp}) | threads {self.threads} | matmul peak {peak / 1e9:.0f} GFLOP/s | "
+                f"run dir {self.run_dir}")
 
     def _run(self):
         t, cfg = self.cfg.train, self.cfg
@@ -300,7 +326,7 @@ class Trainer:
                     "checkpoint": str(self.resumed_from), "seconds": 0.0}
         tokens_per_step = t.batch_size * cfg.model.block_size
         peak = measure_matmul_peak() if self.rank0 else 0.0  # at this run's thread count
-        mfu = MFU(flops_per_token(cfg.model, matmul_params(self.model)), peak, self.comm.size)
+        mfu = MFU(flops_per_token(cfg.model, self.n_matmul), peak, self.comm.size)
         if self.rank0:
             self.log(self._header(peak))
         stop = _StopFlag()
@@ -310,7 +336,7 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 try:
-                    loss, lr, grad_norm, found_inf = self.train_step()
+                    loss, lr, grad_norm, found_inf = self.step_on_device()
                 except LossDivergedError:  # the failed step changed no weight: save them, then stop
                     path = self.save()
                     if self.rank0:
@@ -323,7 +349,8 @@ class Trainer:
                 record = None
                 is_eval = step % t.eval_interval == 0 or step == t.max_steps
                 if step % t.log_interval == 0 or step == 1 or is_eval:
-                    backend.synchronize()
+                    loss, grad_norm = backend.fetch(loss, grad_norm)  # the step's one read of the device
+                    loss = self.engine.reduce_loss(loss)
                     now = time.perf_counter()
                     dt = (now - last_t) / max(step - last_step, 1)
                     last_t, last_step = now, step
@@ -374,8 +401,9 @@ class Trainer:
         """A sample from the model as it is now (rank 0; not with pipeline stages, which each hold
         a part of the model); padded vocabulary ids are never drawn."""
         t = self.cfg.train
-        if not self.rank0 or t.sample_tokens <= 0 or self.cfg.parallel.pp > 1:
-            return
+        par = self.cfg.parallel
+        if not self.rank0 or t.sample_tokens <= 0 or par.pp > 1 or par.tp > 1 or (par.zero == 3 and par.dp > 1):
+            return  # one rank alone cannot run a model spread over stages, tp shards or ZeRO-3 shards
         tok = load_tokenizer(self.ddir)
         prompt = t.sample_prompt or "\n"
         try:
