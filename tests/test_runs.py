@@ -278,6 +278,17 @@ def test_progress_lines_samples_and_summary_when_not_on_a_terminal(finished):
     assert done and Path(run.parent / done.group(1)) == run / "ckpt_0000020.h5", r.stdout
 
 
+def test_eta_is_this_runs_mean_step_time_times_the_steps_left(monkeypatch):
+    from minillm.train import progress
+    clock = iter([100.0, 130.0, 160.0])             # start, then two readings
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = progress.Progress(total=1500, start=500, log=lambda s: None)   # a resumed run: 1000 to go
+    assert p.eta(500) is None                       # nothing measured yet: no figure is better than a guess
+    assert p.eta(600) == pytest.approx(30 / 100 * 900)   # 0.3 s/step of this run, 900 steps left
+    assert p.elapsed() == pytest.approx(60.0)
+    assert [progress.hms(s) for s in (12.34, 185, 3725)] == ["12.3s", "3m05s", "1h02m"]
+
+
 def test_mfu_never_exceeds_100_percent():
     from minillm.train.progress import MFU
     mfu = MFU(flops_per_token=1e6, peak=1e9)      # a peak measured while the cores were busy
@@ -335,6 +346,13 @@ def test_generate_and_evaluate_never_use_padded_ids():
     full = float(cross_entropy(logits, y).data)
     assert masked < full                          # the 28 impossible ids no longer take probability
     assert mask_padded_logits(logits.data, 128) is logits.data
+    # the batched generator (`minillm serve`) takes the tokenizer's vocabulary the same way
+    from minillm.data import CharTokenizer
+    from minillm.infer.generate import generate
+    tok = CharTokenizer.train("".join(chr(32 + i) for i in range(100)))
+    done = generate(model, [[0], [1]], 200, temperature=3.0, seed=0, tokenizer=tok)
+    assert tok.vocab_size == 100 and all(max(c.tokens) < 100 and len(c.text) > 0 for c in done)
+    assert max(max(c.tokens) for c in generate(model, [[0], [1]], 200, temperature=3.0, seed=0)) >= 100
 
 
 def test_the_vocabulary_mismatch_hint_leads_to_a_run_that_works(tmp_path, minillm_cli):
