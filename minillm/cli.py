@@ -25,6 +25,17 @@ _EPILOG = """examples:
 """
 
 
+def _count(text):
+    """argparse type of a count option: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a UserError (one line, exit code 2)."""
 
@@ -54,13 +65,15 @@ def build_parser():
     s = sub.add_parser("prepare", help="tokenize a text source into train/val token files")
     s.add_argument("source", help="pydocs (embedded), shakespeare (downloaded) or a text file path")
     s.add_argument("--tokenizer", default="char", help="char | bpe | gpt2 (default char)")
-    s.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 512)")
+    s.add_argument("--vocab-size", type=_count, default=None, help="BPE vocabulary size (default 512)")
     s.add_argument("--out", default=None, help="output directory (default data/<source>_<tokenizer>)")
     s.add_argument("--val-fraction", type=float, default=0.1)
 
     s = sub.add_parser("train", help="train a model (config file + --section.key=value overrides)")
     s.add_argument("config", nargs="?", default=None, help="a TOML config (default: built-in defaults)")
     s.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in out_dir) or a path")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in train.out_dir (its checkpoints, metrics, config)")
 
     for name, text in (("sample", "generate text from a trained model"),
                        ("eval", "validation loss and perplexity of a trained model")):
@@ -74,9 +87,9 @@ def build_parser():
             s.add_argument("--temperature", type=float, default=0.8)
             s.add_argument("--top-k", type=int, default=None)
             s.add_argument("--seed", type=int, default=0)
-            s.add_argument("--num-samples", type=int, default=1)
+            s.add_argument("--num-samples", type=_count, default=1)
         else:
-            s.add_argument("--iters", type=int, default=None, help="batches (default train.eval_iters)")
+            s.add_argument("--iters", type=_count, default=None, help="batches (default train.eval_iters)")
             s.add_argument("--split", default="val", help="val | train")
             _add_eval_task_args(s)
 
@@ -127,9 +140,9 @@ def build_parser():
 
     s = sub.add_parser("bench", help="time forward / backward / optimizer of a config")
     s.add_argument("config", nargs="?", default=None)
-    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--steps", type=_count, default=10)
     s.add_argument("--torch", action="store_true", help="also time the same model in PyTorch")
-    s.add_argument("--threads", type=int, default=None, help="BLAS / PyTorch threads (default: as set)")
+    s.add_argument("--threads", type=_count, default=None, help="BLAS / PyTorch threads (default: as set)")
     s.add_argument("--json", action="store_true", help="print the figures as one JSON line")
 
     s = sub.add_parser("memory", help="predict each rank's memory (the ledger); --measure checks it")
@@ -159,7 +172,7 @@ def _train(args, overrides, state):
         install_abort_handler(comm)
     state["phase"] = "run"
     from minillm.train.trainer import train
-    train(cfg, resume=args.resume, comm=comm)
+    train(cfg, resume=args.resume, comm=comm, overwrite=args.overwrite)
     return 0
 
 
@@ -178,6 +191,8 @@ def _sample(args):
         raise UserError(f"--temperature={args.temperature} must be >= 0 (0 = always the likeliest token)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k={args.top_k} must be >= 1")
+    if args.seed < 0:
+        raise UserError(f"--seed={args.seed} must be >= 0")
     model, cfg, ckpt = load_model(args.path, args.device)
     tok = load_run_tokenizer(ckpt, cfg)
     for i in range(args.num_samples):
@@ -221,7 +236,10 @@ def _finetune(args, overrides, state):
 
 
 def _plot(args):
+    from minillm.fileio import check_writable_file
     from minillm.train.plots import plot_metrics, plot_timeline
+    if args.out:
+        check_writable_file(args.out, "plot", "choose another --out")
     out = plot_timeline(args.run_dir, args.out) if args.timeline else plot_metrics(args.run_dir, args.out)
     print(f"wrote {out}")
     return 0
@@ -289,7 +307,7 @@ def main(argv=None):
                 "inspect": _inspect, "quantize": _quantize, "serve": _serve}[args.command](args)
     except UserError as e:
         comm = state["comm"]
-        if comm is not None and comm.size > 1 and state["phase"] == "run":
+        if comm is not None and comm.size > 1 and state["phase"] == "run" and not e.on_every_rank:
             from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
         if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once

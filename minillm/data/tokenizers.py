@@ -14,7 +14,6 @@ Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``voc
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from minillm.choices import TOKENIZERS
 from minillm.data.bpe_train import train_bpe
 from minillm.data.pretokenize import GPT2_PATTERN, split_specials, split_words
 from minillm.errors import UserError
+from minillm.fileio import write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 ENDOFTEXT = "<|endoftext|>"
@@ -30,9 +30,8 @@ TOKENIZER_KINDS = TOKENIZERS  # the one list: minillm.choices
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+    # readers see the old file or the whole new one, never half of it
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1), "tokenizer")
 
 
 def _check_ids(ids, vocab_size: int) -> list[int]:
