@@ -106,6 +106,7 @@ def build_parser():
     s.add_argument("--no-pack", action="store_true", help="one chat per row instead of packed rows")
     s.add_argument("--val-fraction", type=float, default=0.05, help="examples held out for val_loss")
     s.add_argument("--merge", action="store_true", help="LoRA: also save the merged full checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     s.add_argument("--grpo", action="store_true", help="reinforcement learning instead of SFT: sample "
                    "answers, reward exact matches, group baseline (start from a fine-tuned model)")
     s.add_argument("--group", type=int, default=8, help="GRPO: answers sampled per prompt")
@@ -225,7 +226,7 @@ def _finetune(args, overrides, state):
         raise UserError(f"minillm finetune runs in one process; run it without mpirun (this job has "
                         f"{comm.size} ranks)")
     opts = FinetuneOptions(args.data, args.out, args.lora_rank, args.lora_alpha, args.lora_targets,
-                           not args.no_pack, args.val_fraction, args.merge)
+                           not args.no_pack, args.val_fraction, args.merge, args.overwrite)
     if args.grpo:
         from minillm.finetune.grpo import GroupRL
         GroupRL(args.path, opts, overrides, group=args.group, prompts=args.prompts,

@@ -323,3 +323,21 @@ def test_recomputation_changes_no_bit_of_a_fine_tune(base_run, chat_file, tmp_pa
     assert losses["none"] == losses["full"]
     for (n, a), (_, b) in zip(runs["none"].precision.master_params, runs["full"].precision.master_params):
         assert np.array_equal(backend.to_numpy(a.data), backend.to_numpy(b.data)), n
+
+
+def test_a_fine_tune_never_mixes_into_another_run(base_run, chat_file, tmp_path, capsys):
+    """The output directory belongs to one run: a second fine-tune there is a one-line error that
+    loses nothing; --overwrite replaces the first run's files (checkpoint, adapters, metrics)."""
+    from minillm.cli import main
+    out = tmp_path / "ft"
+    args = ["finetune", str(base_run), "--data", str(chat_file), "--out", str(out), "--train.batch_size=2"]
+    assert main([*args, "--lora-rank", "2", "--train.max_steps=2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "run.lock"}
+    capsys.readouterr()
+    assert main([*args, "--train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+    assert main([*args, "--train.max_steps=1", "--overwrite"]) == 0
+    assert not list(out.glob("lora_*.h5")) and (out / "ckpt_0000001.h5").is_file()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -34,11 +34,16 @@ from minillm.finetune.vocab import grow_vocab
 from minillm.model import document_mask
 from minillm.model.recompute import apply_recompute
 from minillm.optim import AdamW, clip_grad_norm, get_lr, param_groups
-from minillm.train.metrics import MetricsLog, format_line
+from minillm.train.metrics import MetricsLog
+from minillm.train.progress import format_line
+from minillm.train.rundir import RunLock, describe_run, free_name, holds_run, remove_run
 
 # [train] defaults for a fine-tune (pretraining's are for long runs); --train.key=value overrides
 FINETUNE_TRAIN = dict(max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=20, schedule="cosine", weight_decay=0.0,
                       batch_size=16, grad_accum=1, eval_interval=100, log_interval=10, ckpt_interval=0)
+
+
+FINETUNE_FILES = ("finetune.json", "summary.json")  # besides train/rundir.py's RUN_FILES
 
 
 @dataclasses.dataclass
@@ -51,6 +56,7 @@ class FinetuneOptions:
     pack: bool = True                  # several chats per row, kept apart by a document mask
     val_fraction: float = 0.05         # examples held out for val_loss
     merge: bool = False                # LoRA: also save the merged model as a full checkpoint
+    overwrite: bool = False            # replace a run already in out_dir (else that is an error)
 
     def __post_init__(self):
         if self.lora_rank < 0:
@@ -191,7 +197,32 @@ class Finetuner:
                                                      "data": self.opts.data, "lora": bool(self.lora)}},
             "config": config_to_dict(self.cfg), "model": state})
 
+    def claim_run_dir(self) -> RunLock:
+        """The output directory belongs to this fine-tune, as a training run's does
+        (train/rundir.py): the lock first (a concurrent run is named by its PID), then a directory
+        holding another run is an error unless ``--overwrite`` (fine-tunes do not resume)."""
+        lock = RunLock(self.run_dir).acquire()
+        try:
+            if holds_run(self.run_dir) and not self.opts.overwrite:
+                raise UserError(f"{self.run_dir} already holds a run ({describe_run(self.run_dir)}); choose "
+                                f"another --out (e.g. {free_name(self.run_dir)}) or replace it with --overwrite")
+            if self.opts.overwrite:
+                remove_run(self.run_dir)
+                for p in [*self.run_dir.glob("lora_*.h5"), *(self.run_dir / n for n in FINETUNE_FILES)]:
+                    p.unlink(missing_ok=True)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
     def run(self):
+        lock = self.claim_run_dir()
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self):
         t = self.cfg.train
         self.write_run_files()
         r = self.report
