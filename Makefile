@@ -24,7 +24,13 @@ install-dev: $(VENV)/.installed-dev
 train: install
 	$(BIN)/minillm train configs/pydocs_char.toml $(ARGS)
 
+# What the whole suite takes on an idle 2-core machine (measured; README "Two commands").
+TEST_MINUTES := 5
+
 test: install-dev
+	@echo "make test: the whole suite takes about $(TEST_MINUTES) minutes on an idle 2-core machine;" \
+	  "this one has $$(nproc) cores and a load average of $$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo '?')" \
+	  "(a busy machine takes longer)"
 	$(BIN)/python -m pytest -q $(ARGS)
 
 clean:

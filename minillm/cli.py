@@ -1,5 +1,5 @@
-"""The `minillm` command: prepare | train | sample | eval | plot | inspect | quantize | serve |
-bench | memory.
+"""The `minillm` command: prepare | train | sample | eval | finetune | plot | inspect | quantize |
+serve | bench | memory.
 
 Exit codes: 0 done, 2 a user error (one line on stderr, no traceback), 1 a bug. Under mpirun
 every rank runs this same entry point; an error on any rank ends the whole job.
@@ -15,6 +15,8 @@ _EPILOG = """examples:
   mpirun -np 2 python -m mpi4py -m minillm train configs/pydocs_char.toml --parallel.dp=2
   minillm sample runs/pydocs_char --prompt "def " --max-new-tokens 200
   minillm eval runs/pydocs_char
+  minillm eval runs/pydocs_char --task add2 --task pydocs-cloze --task val
+  minillm finetune runs/pydocs_char --data add2 --lora-rank 8 --train.max_steps=300
   minillm plot runs/pydocs_char
   minillm inspect runs/pydocs_char/ckpt_0001000.h5
   minillm quantize runs/pydocs_char --bits 4 --group-size 32
@@ -23,11 +25,36 @@ _EPILOG = """examples:
 """
 
 
+def _count(text):
+    """argparse type of a count option: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a UserError (one line, exit code 2)."""
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_eval_task_args(s):
+    s.add_argument("--task", action="append", default=None,
+                   help="val, add2, add3, copy, pydocs-cloze, or text|choice|exact with --data (or as "
+                        "text:FILE); repeatable; without --task: the validation loss, as before")
+    s.add_argument("--data", default=None, help="the text file (text) or JSONL rows (choice, exact)")
+    s.add_argument("--n", type=int, default=None, help="rows per task (default: all; built-in: 500)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated tasks")
+    s.add_argument("--format", default="auto", help="auto | plain | chat prompts for exact tasks "
+                                                     "(auto: chat when the tokenizer has the template)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="exact tasks (default: answer + 2)")
+    s.add_argument("--stop", default="\n", help="where a plain-prompt answer ends (default newline)")
+    s.add_argument("--out", default=None, help="results JSON (default: eval_results.json next to the checkpoint)")
 
 
 def build_parser():
@@ -38,13 +65,15 @@ def build_parser():
     s = sub.add_parser("prepare", help="tokenize a text source into train/val token files")
     s.add_argument("source", help="pydocs (embedded), shakespeare (downloaded) or a text file path")
     s.add_argument("--tokenizer", default="char", help="char | bpe | gpt2 (default char)")
-    s.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 512)")
+    s.add_argument("--vocab-size", type=_count, default=None, help="BPE vocabulary size (default 512)")
     s.add_argument("--out", default=None, help="output directory (default data/<source>_<tokenizer>)")
     s.add_argument("--val-fraction", type=float, default=0.1)
 
     s = sub.add_parser("train", help="train a model (config file + --section.key=value overrides)")
     s.add_argument("config", nargs="?", default=None, help="a TOML config (default: built-in defaults)")
     s.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in out_dir) or a path")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in train.out_dir (its checkpoints, metrics, config)")
 
     for name, text in (("sample", "generate text from a trained model"),
                        ("eval", "validation loss and perplexity of a trained model")):
@@ -58,10 +87,31 @@ def build_parser():
             s.add_argument("--temperature", type=float, default=0.8)
             s.add_argument("--top-k", type=int, default=None)
             s.add_argument("--seed", type=int, default=0)
-            s.add_argument("--num-samples", type=int, default=1)
+            s.add_argument("--num-samples", type=_count, default=1)
         else:
-            s.add_argument("--iters", type=int, default=None, help="batches (default train.eval_iters)")
+            s.add_argument("--iters", type=_count, default=None, help="batches (default train.eval_iters)")
             s.add_argument("--split", default="val", help="val | train")
+            _add_eval_task_args(s)
+
+    s = sub.add_parser("finetune", help="supervised fine-tuning on chat JSONL, fully or with LoRA "
+                                        "(+ --train.key=value overrides)")
+    s.add_argument("path", help="the base: a run directory or a checkpoint .h5 file")
+    s.add_argument("--data", required=True, help="JSONL of {messages} or {prompt, completion} rows, "
+                                                 "or a generated task (add2, add3, copy)")
+    s.add_argument("--out", default="", help="run directory (default runs/<base run>_sft or _lora<rank>)")
+    s.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (default 0: full fine-tuning)")
+    s.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA alpha (default 2 x rank)")
+    s.add_argument("--lora-targets", default="attn.c_attn,attn.c_proj",
+                   help="Linear layers to adapt: names, suffixes or patterns (default attention)")
+    s.add_argument("--no-pack", action="store_true", help="one chat per row instead of packed rows")
+    s.add_argument("--val-fraction", type=float, default=0.05, help="examples held out for val_loss")
+    s.add_argument("--merge", action="store_true", help="LoRA: also save the merged full checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    s.add_argument("--grpo", action="store_true", help="reinforcement learning instead of SFT: sample "
+                   "answers, reward exact matches, group baseline (start from a fine-tuned model)")
+    s.add_argument("--group", type=int, default=8, help="GRPO: answers sampled per prompt")
+    s.add_argument("--prompts", type=int, default=16, help="GRPO: prompts per step")
+    s.add_argument("--temperature", type=float, default=1.0, help="GRPO: sampling temperature")
 
     s = sub.add_parser("plot", help="PNG of loss, val loss, lr and grad norm (or the pipeline timeline)")
     s.add_argument("run_dir")
@@ -91,9 +141,9 @@ def build_parser():
 
     s = sub.add_parser("bench", help="time forward / backward / optimizer of a config")
     s.add_argument("config", nargs="?", default=None)
-    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--steps", type=_count, default=10)
     s.add_argument("--torch", action="store_true", help="also time the same model in PyTorch")
-    s.add_argument("--threads", type=int, default=None, help="BLAS / PyTorch threads (default: as set)")
+    s.add_argument("--threads", type=_count, default=None, help="BLAS / PyTorch threads (default: as set)")
     s.add_argument("--json", action="store_true", help="print the figures as one JSON line")
 
     s = sub.add_parser("memory", help="predict each rank's memory (the ledger); --measure checks it")
@@ -123,7 +173,7 @@ def _train(args, overrides, state):
         install_abort_handler(comm)
     state["phase"] = "run"
     from minillm.train.trainer import train
-    train(cfg, resume=args.resume, comm=comm)
+    train(cfg, resume=args.resume, comm=comm, overwrite=args.overwrite)
     return 0
 
 
@@ -142,6 +192,8 @@ def _sample(args):
         raise UserError(f"--temperature={args.temperature} must be >= 0 (0 = always the likeliest token)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k={args.top_k} must be >= 1")
+    if args.seed < 0:
+        raise UserError(f"--seed={args.seed} must be >= 0")
     model, cfg, ckpt = load_model(args.path, args.device)
     tok = load_run_tokenizer(ckpt, cfg)
     for i in range(args.num_samples):
@@ -153,6 +205,9 @@ def _sample(args):
 
 
 def _eval(args):
+    if args.task:
+        from minillm.evals.cli import eval_tasks
+        return eval_tasks(args)
     from minillm.train.inference import evaluate, load_model
     if args.split not in ("val", "train"):
         raise UserError(f"--split={args.split!r} must be 'val' or 'train'")
@@ -163,8 +218,29 @@ def _eval(args):
     return 0
 
 
+def _finetune(args, overrides, state):
+    from minillm.distributed.comm import get_world_comm
+    from minillm.finetune.loop import FinetuneOptions, Finetuner
+    comm = state["comm"] = get_world_comm()  # a config error: every rank says it, rank 0 prints it
+    if comm.size > 1:
+        raise UserError(f"minillm finetune runs in one process; run it without mpirun (this job has "
+                        f"{comm.size} ranks)")
+    opts = FinetuneOptions(args.data, args.out, args.lora_rank, args.lora_alpha, args.lora_targets,
+                           not args.no_pack, args.val_fraction, args.merge, args.overwrite)
+    if args.grpo:
+        from minillm.finetune.grpo import GroupRL
+        GroupRL(args.path, opts, overrides, group=args.group, prompts=args.prompts,
+                temperature=args.temperature).run()
+    else:
+        Finetuner(args.path, opts, overrides).run()
+    return 0
+
+
 def _plot(args):
+    from minillm.fileio import check_writable_file
     from minillm.train.plots import plot_metrics, plot_timeline
+    if args.out:
+        check_writable_file(args.out, "plot", "choose another --out")
     out = plot_timeline(args.run_dir, args.out) if args.timeline else plot_metrics(args.run_dir, args.out)
     print(f"wrote {out}")
     return 0
@@ -218,7 +294,7 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return 2
-        if extra and args.command not in ("train", "bench", "memory"):
+        if extra and args.command not in ("train", "bench", "memory", "finetune"):
             raise UserError(f"minillm {args.command}: unrecognized arguments: {' '.join(extra)}")
         if args.command == "train":
             return _train(args, extra, state)
@@ -226,11 +302,13 @@ def main(argv=None):
             return _bench(args, extra)
         if args.command == "memory":
             return _memory(args, extra, state)
+        if args.command == "finetune":
+            return _finetune(args, extra, state)
         return {"prepare": _prepare, "sample": _sample, "eval": _eval, "plot": _plot,
                 "inspect": _inspect, "quantize": _quantize, "serve": _serve}[args.command](args)
     except UserError as e:
         comm = state["comm"]
-        if comm is not None and comm.size > 1 and state["phase"] == "run":
+        if comm is not None and comm.size > 1 and state["phase"] == "run" and not e.on_every_rank:
             from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
         if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once

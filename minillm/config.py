@@ -63,6 +63,7 @@ class TrainConfig(Section):
     decay_frac: float = 0.2       # wsd: the last fraction of steps that decays
     optimizer: Optimizer = "adamw"
     weight_decay: float = 0.1
+    no_decay: str = "ndim<2"      # parameters spared from weight decay: "ndim<2" and/or name patterns (optim/groups.py)
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -71,7 +72,7 @@ class TrainConfig(Section):
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
-    ckpt_interval: int = 0        # 0 = only at the end
+    ckpt_interval: int = 250      # 0 = only at the end
     keep_last: int = 3            # 0 = keep every checkpoint
     seed: int = 1337
     dtype: DType = "float32"
@@ -82,13 +83,15 @@ class TrainConfig(Section):
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
     progress: bool = True
+    sample_interval: int = 0      # print a sample every N steps (0 = only at the end)
+    threads: int = 0              # BLAS threads; 0 = chosen for the run (perf/threads.py)
     recompute: Recompute = "none"  # activation recomputation: "full" blocks, or the "selective" attention core
     memory_limit: str = ""        # e.g. "16GiB": refuse to start when the memory ledger predicts more per rank
     _name = "train"
     _rules = ((AT_LEAST_1, "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
                "loss_scale_growth_interval"),
               (AT_LEAST_0, "warmup_steps", "ckpt_interval", "keep_last", "seed", "sample_tokens", "min_lr",
-               "weight_decay", "grad_clip"),
+               "weight_decay", "grad_clip", "sample_interval", "threads"),
               (POSITIVE, "lr", "eps", "loss_scale_init"),
               (BELOW_1, "beta1", "beta2", "momentum"),
               (UNIT, "decay_frac"))
@@ -353,9 +356,28 @@ def _read_toml(path) -> dict:
 
 
 def load_config(path: "str | os.PathLike | None" = None, overrides=()) -> Config:
-    """Read a TOML config (or start from defaults when path is None), apply overrides, validate."""
+    """Read a TOML config (or start from defaults when path is None), apply overrides, validate.
+    Without a train.out_dir in either, the run directory is ``default_out_dir(path, overrides)``."""
     d = _normalize(_read_toml(path), f" in {path}") if path is not None else {}
-    return _construct(_apply_overrides(d, overrides))
+    d = _apply_overrides(d, overrides)
+    if "out_dir" not in d.get("train", {}):
+        d.setdefault("train", {})["out_dir"] = default_out_dir(path, overrides)
+    return _construct(d)
+
+
+def default_out_dir(path=None, overrides=()) -> str:
+    """``runs/<config name>[-<key>=<value>...]``: each override gets its own directory, so the same
+    preset run with other options never writes into an earlier run (``runs/pydocs_char-dp=2``)."""
+    parts = [Path(path).stem if path is not None else "default"]
+    for item in _join_pairs(overrides):
+        section, key, text = _split_override(item)
+        if (section, key) != ("train", "out_dir"):
+            parts.append(f"{key}={text}")
+    name = "".join(c if c.isalnum() or c in "._=+,-" else "_" for c in "-".join(parts))
+    if len(name) > 80:  # long paths as values: keep the name readable and still distinct
+        import hashlib
+        name = f"{name[:64]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return os.path.join("runs", name)
 
 
 def _toml_value(v) -> str:
@@ -390,8 +412,5 @@ def dump_toml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path) -> None:
     """Write dump_toml(cfg) to path (parent directories created; written whole, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(dump_toml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
+    from minillm.fileio import write_atomic
+    write_atomic(path, dump_toml(cfg), "config")

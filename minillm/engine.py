@@ -110,7 +110,8 @@ class Engine:
 
     def make_optimizer(self, train_cfg):
         """The optimizer over the master weights that fits this engine's gradient sync (ZeRO:
-        the sharded one). Chosen by the sync, so the decision is made in one place."""
+        the sharded one). Chosen by the sync, so the decision is made in one place; the sync
+        applies ``train.no_decay`` (it alone knows what its pieces of parameters come from)."""
         return self.sync.make_optimizer(train_cfg, self.precision.master_params)
 
     # ---- checkpoints: always the serial format (full tensors by name), whatever the layout ----

@@ -362,11 +362,15 @@ def test_bfloat16_training_logs_no_loss_scale(char_data, tmp_path):
     assert load_checkpoint(tmp_path / "bf" / "ckpt_0000004.h5")["model"]["transformer.wte.weight"].dtype == np.float32
 
 
-# ---------------------------------------------------------------- the shakespeare CPU recipe, 300 steps
+# ---------------------------------------------------------------- the shakespeare CPU recipe, 150 steps
+# Through the 100 warm-up steps and 50 at the peak learning rate, where the updates are largest:
+# what 16-bit storage could break breaks here (the later, decaying steps only add time), and the
+# runs agree to ~1e-4 (BENCHMARKS.md), so a 1 % bound is still a hundred times the drift seen.
+STEPS = 150
 
 @pytest.fixture(scope="module")
 def recipe_runs(tmp_path_factory):
-    """float32, float16 and bfloat16 runs of configs/shakespeare_char_cpu.toml for 300 steps, in
+    """float32, float16 and bfloat16 runs of configs/shakespeare_char_cpu.toml for STEPS steps, in
     three processes at once (NumPy's elementwise work is single-threaded: two cores do two runs).
     On the CPU float16 costs about as much as the other two together (its casts are emulated), so
     they run at a lower priority: on two cores, one runs float16, the other float32 + bfloat16."""
@@ -379,8 +383,9 @@ def recipe_runs(tmp_path_factory):
     for dtype in ["float32", *HALF]:
         argv = [sys.executable, "-m", "minillm", "train", str(RECIPE), f"--data.source={source}",
                 f"--data.dir={root / 'data'}", f"--train.out_dir={root / dtype}", f"--train.dtype={dtype}",
-                DEVICE, "--train.max_steps=300", "--train.eval_interval=300", "--train.eval_iters=8",
-                "--train.log_interval=1", "--train.sample_tokens=0", "--train.progress=false"]
+                DEVICE, f"--train.max_steps={STEPS}", f"--train.eval_interval={STEPS}", "--train.eval_iters=8",
+                "--train.log_interval=1", "--train.sample_tokens=0", "--train.progress=false",
+                "--train.ckpt_interval=0"]
         log = open(root / f"{dtype}.log", "w")  # a file, not a pipe: nobody has to drain it
         nice = None if dtype == "float16" else (lambda: os.nice(10))
         procs[dtype] = (subprocess.Popen(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -397,13 +402,13 @@ def _smoothed(records):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_half_precision_recipe_ends_within_2_percent_of_float32(recipe_runs, dtype):
+def test_half_precision_recipe_ends_within_1_percent_of_float32(recipe_runs, dtype):
     ref, run = recipe_runs["float32"], recipe_runs[dtype]
-    assert len(run) == len(ref) == 300
-    assert _smoothed(ref) < ref[0]["loss"] - 1.0                 # it learned (4.2 -> ~2.4)
-    assert abs(_smoothed(run) - _smoothed(ref)) <= 0.02 * _smoothed(ref), (_smoothed(run), _smoothed(ref))
+    assert len(run) == len(ref) == STEPS
+    assert _smoothed(ref) < ref[0]["loss"] - 1.0                 # it learned (4.2 -> ~2.5)
+    assert abs(_smoothed(run) - _smoothed(ref)) <= 0.01 * _smoothed(ref), (_smoothed(run), _smoothed(ref))
     v, v_ref = run[-1]["val_loss"], ref[-1]["val_loss"]
-    assert abs(v - v_ref) <= 0.02 * v_ref, (v, v_ref)
+    assert abs(v - v_ref) <= 0.01 * v_ref, (v, v_ref)
     if dtype == "float16":
         assert run[-1]["loss_scale"] >= 1.0 and run[-1]["skipped_steps"] <= 10
     else:

@@ -1,5 +1,6 @@
 """Every lesson exercise's check passes on its reference solution and rejects its known-wrong
-answer, and every lesson notebook calls ``check`` for each exercise registered for it.
+answer, every lesson notebook calls ``check`` for each exercise registered for it, and every
+lesson has 2 to 4 exercises.
 
 (The notebooks themselves run in test_notebooks.py with the stubs unfilled: ``check`` then prints
 "not attempted" and the lesson goes on.)
@@ -61,12 +62,24 @@ def test_every_lesson_with_checks_has_its_notebook():
     assert not orphans, f"checks without a lesson notebook (lessons/NN_*.ipynb): {orphans}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_calls_every_check_of_its_lesson(path):
+def checks_called(path: Path) -> set[str]:
+    """The exercise ids a notebook's code cells pass to ``check``."""
     source = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"]
                        if c["cell_type"] == "code")
-    called = set(CHECK_CALL.findall(source))
+    return set(CHECK_CALL.findall(source))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_calls_every_check_of_its_lesson(path):
+    called = checks_called(path)
     lesson = lesson_of(path)
     registered = {e.id for e in exercises_of(lesson)} if lesson in lessons_with_checks() else set()
     assert registered <= called, f"{path.name} never checks {sorted(registered - called)}"
     assert called <= registered, f"{path.name} checks unregistered exercises {sorted(called - registered)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_every_lesson_has_two_to_four_exercises(path):
+    n = len(checks_called(path))
+    assert 2 <= n <= 4, (f"{path.name} has {n} exercises (check calls); every lesson has 2 to 4, "
+                         "each with its check in lessonkit/checks and its solution in lessons/solutions")

@@ -14,6 +14,7 @@ import pytest
 from mpi_util import output, run_mpi
 from test_zero23 import assert_same_run, train_run
 
+from minillm import backend
 from minillm.autograd.checkpoint import Checkpoint, checkpoint
 from minillm.autograd.tensor import Tensor
 from minillm.config import Config, TrainConfig
@@ -43,7 +44,7 @@ def run_engine(mode, dtype="float32", steps=2, keyed=True):
     for step in range(steps):
         mbs = batches(step) if keyed else [Microbatch(mb.x, mb.y) for mb in batches(step)]
         losses.append(engine.forward_backward(mbs))
-    return losses, {n: np.array(p.grad) for n, p in model.named_parameters()}
+    return losses, {n: backend.to_numpy(p.grad).copy() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -69,7 +70,8 @@ def test_replay_without_the_recorded_key_would_differ():
     its replay, and the gradients come out wrong. (So the equality above is not a given.)"""
     model = GPT(MODEL, seed=3)
     block = model.transformer.h[0]
-    x = Tensor(np.random.default_rng(0).standard_normal((2, 16, 32)).astype(np.float32), requires_grad=True)
+    x = Tensor(backend.asarray(np.random.default_rng(0).standard_normal((2, 16, 32)).astype(np.float32)),
+               requires_grad=True)
     grads = {}
     for how in ("plain", "keyed replay", "unkeyed replay"):
         x.grad = None
@@ -79,7 +81,7 @@ def test_replay_without_the_recorded_key_would_differ():
             else:
                 y = Checkpoint.apply(x, fn=block, rng=model.dropout_rng if how == "keyed replay" else None)
         y.sum().backward()  # outside the keyed context, as a pipeline stage runs backward
-        grads[how] = x.grad.copy()
+        grads[how] = backend.to_numpy(x.grad).copy()
     assert np.array_equal(grads["keyed replay"], grads["plain"])
     assert not np.allclose(grads["unkeyed replay"], grads["plain"])
 
@@ -87,11 +89,11 @@ def test_replay_without_the_recorded_key_would_differ():
 def test_checkpoint_with_no_input_needing_a_gradient_is_a_plain_call():
     """Only a parameter inside needs a gradient: the region keeps its graph, so it gets one."""
     from minillm.nn import Parameter
-    w = Parameter(np.full((2, 3), 3.0, np.float32))
-    out = checkpoint(lambda t: t * w, Tensor(np.ones((2, 3), np.float32)))
+    w = Parameter(backend.asarray(np.full((2, 3), 3.0, np.float32)))
+    out = checkpoint(lambda t: t * w, Tensor(backend.asarray(np.ones((2, 3), np.float32))))
     assert out._ctx.fn.__name__ == "Mul"  # no Checkpoint node recorded
     out.sum().backward()
-    assert np.array_equal(w.grad, np.ones((2, 3), np.float32))
+    assert np.array_equal(backend.to_numpy(w.grad), np.ones((2, 3), np.float32))
 
 
 def test_full_recompute_keeps_only_block_inputs():

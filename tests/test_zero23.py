@@ -42,7 +42,8 @@ def train_run(comm, data, out, *overrides, resume=None):
                              f"--train.eval_interval={EVERY}", "--train.sample_tokens=0", *overrides])
     trainer = Trainer(cfg, comm=comm, resume=resume, log=lambda msg: None)
     trainer.run()
-    state = {k: np.array(v) for k, v in trainer.engine.model_state().items()}
+    from minillm import backend
+    state = {k: backend.to_numpy(v).copy() for k, v in trainer.engine.model_state().items()}
     return (read_metrics(out), state) if comm.rank == 0 else None
 
 

@@ -67,6 +67,47 @@ class Linear(Function):
         return gw, gb
 
 
+class LoRALinear(Function):
+    """y = x W^T + b + scale (x A^T) B^T: a Linear plus its rank-r LoRA update, in one op.
+
+    A (r, in), B (out, r). Composed from two more Linears, the update would keep three more
+    (N, out) arrays alive per layer (B's product, its scaled copy, the sum); fused, the only extra
+    saved array is h = x A^T, (N, r). W and b are usually frozen: their gradients are skipped."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, a, bm, scale=1.0):
+        if x.shape[-1] != w.shape[1] or a.shape[1] != w.shape[1] or bm.shape != (w.shape[0], a.shape[0]):
+            raise ValueError(f"lora_linear: input {x.shape}, W {w.shape}, A {a.shape} and B {bm.shape} do not "
+                             f"fit: expected W (out, in), A (r, in), B (out, r)")
+        x2 = x.reshape(-1, x.shape[-1])                      # (N, in)
+        acc = acc_dtype(x.dtype)
+        y = mm(x2, w.T, dtype=acc)                            # (N, out)
+        if b is not None:
+            y += b
+        h = mm(x2, a.T, dtype=acc)                            # (N, r)
+        y += mm(h, (bm * scale).T, dtype=acc)                 # (N, out): the low-rank update
+        ctx.save_for_backward(x2, w, a, bm, h.astype(x.dtype, copy=False))
+        ctx.x_shape, ctx.scale = x.shape, scale
+        return y.astype(x.dtype, copy=False).reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w, a, bm, h = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bm = (ctx.needs_input_grad + (False,) * 5)[:5]
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out)
+        gh = mm(g2, bm, dtype=acc_dtype(g.dtype)) * ctx.scale  # (N, r): dL/dh
+        gx = None
+        if need_x:
+            gx = mm(g2, w, dtype=acc_dtype(g.dtype))          # (N, in)
+            gx += mm(gh, a, dtype=gx.dtype)
+            gx = gx.astype(g.dtype, copy=False).reshape(ctx.x_shape)
+        gw = mm(g2.T, x2, dtype=g.dtype) if need_w else None  # (out, in)
+        gb = g2.sum(axis=0, dtype=acc_dtype(g.dtype)).astype(g.dtype, copy=False) if need_b else None
+        ga = mm(gh.T, x2, dtype=g.dtype) if need_a else None  # (r, in)
+        gbm = (mm(g2.T, h, dtype=acc_dtype(g.dtype)) * ctx.scale).astype(g.dtype, copy=False) if need_bm else None
+        return gx, gw, gb, ga, gbm
+
+
 class Softmax(Function):
     @staticmethod
     def forward(ctx, x, axis=-1):

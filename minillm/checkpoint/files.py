@@ -2,7 +2,8 @@
 
 A run directory holds ``ckpt_{step:07d}.h5`` files; the zero padding makes ``ls`` sort them by
 step. An interrupted save leaves at most a hidden ``.ckpt_XXXXXXX.h5.tmp-<pid>`` file, which
-discovery ignores and pruning removes once the process that wrote it is gone.
+discovery ignores and pruning removes once the process that wrote it is gone. ``make_room``
+prunes before a save, so a full disk gets the old checkpoints' space first.
 """
 from __future__ import annotations
 
@@ -88,6 +89,19 @@ def prune_checkpoints(run_dir, keep_last: int) -> list[Path]:
     removed = stale_temp_files(run_dir)
     if keep_last > 0:
         removed += list_checkpoints(run_dir)[keep_last:]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def make_room(run_dir, keep_last: int, path) -> list[Path]:
+    """Before writing checkpoint ``path``: delete the checkpoints that pruning to ``keep_last``
+    would delete once it exists, so their space is free for it; but never the newest one there,
+    which stays the last good state should this write fail. Returns the paths removed."""
+    if keep_last <= 0:
+        return []
+    others = [p for p in list_checkpoints(run_dir) if p.name != Path(path).name]
+    removed = stale_temp_files(run_dir) + others[max(keep_last - 1, 1):]
     for p in removed:
         p.unlink(missing_ok=True)
     return removed

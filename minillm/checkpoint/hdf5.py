@@ -19,6 +19,7 @@ the final name, so a crash at any moment leaves every earlier checkpoint intact.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -173,11 +174,22 @@ def save_checkpoint(path, state: dict) -> Path:
         os.replace(tmp, path)
         _fsync_path(path.parent, directory=True)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # disk full, permissions, read-only file system
-            raise UserError(f"cannot write checkpoint {path}: {e}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        # disk full, permissions, read-only file system: h5py reports a failed write as an
+        # OSError, or as a RuntimeError when it happens while flushing on close
+        if isinstance(e, (OSError, RuntimeError)):
+            raise UserError(f"cannot write checkpoint {path}: {_write_cause(e)}") from None
         raise
     return path
+
+
+def _write_cause(e: BaseException) -> str:
+    """The operating system's words for a failed write ('No space left on device'), not HDF5's."""
+    if getattr(e, "strerror", None):
+        return e.strerror
+    m = re.search(r"error message = '([^']+)'", str(e))
+    return m.group(1) if m else " ".join(str(e).split())
 
 
 # ----------------------------------------------------------------------------------- reading

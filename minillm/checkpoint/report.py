@@ -140,3 +140,17 @@ def check_config(path, saved: dict, current: dict, sections=("model",)) -> None:
     fix = " ".join(f"--{k}={_show(x, cli=True)}" for k, x, _ in diffs if x is not _MISSING)
     raise ConfigError(f"checkpoint {path} was written with {was} but the config has {has}; "
                       f"resume with {fix or 'the saved config'} or start a new out_dir")
+
+
+def check_vocab(path, saved: dict, current: dict, data_vocab: int) -> None:
+    """Raise ConfigError when the checkpoint's vocabulary is smaller than the dataset's: it was
+    trained on other data, and the fix is that data (its differing [data] settings), not a
+    ``model.vocab_size`` the dataset would then reject."""
+    vocab = int((saved.get("model") or {}).get("vocab_size", 0))
+    if vocab >= data_vocab:
+        return
+    fix = " ".join(f"--{k}={_show(x, cli=True)}" for k, x, _ in _differences(saved, current, ("data",))
+                   if x is not _MISSING)
+    raise ConfigError(f"checkpoint {path} was trained on a vocabulary of {vocab} tokens but this "
+                      f"config's dataset has {data_vocab}; resume on the data it was trained on "
+                      f"({fix or 'its [data] settings'}) or start a new --train.out_dir")

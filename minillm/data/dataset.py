@@ -15,7 +15,6 @@ prepare is redone, never half-used.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from minillm.data.sources import load_source, source_id
 from minillm.data.tokenizers import (DEFAULT_BPE_VOCAB, TOKENIZER_FILE, get_tokenizer,
                                      load_tokenizer, _check_kind)
 from minillm.errors import UserError
+from minillm.fileio import check_writable_dir, write_atomic, write_error
 
 META_FILE = "meta.json"
 FORMAT = 1
@@ -87,9 +87,7 @@ def find_dataset(out_dir, source="pydocs", tokenizer="char", vocab_size=None,
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary name, then rename: the file is absent or whole, never partial."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, "dataset file", "choose a writable dataset directory (--out / data.dir)")
 
 
 def prepare_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char",
@@ -105,10 +103,9 @@ def prepare_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char
         meta = find_dataset(out_dir, source, tokenizer, vocab_size, val_fraction)
         if meta is not None:
             return meta
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"dataset dir {out_dir} exists and is not a directory; choose another --out")
+    check_writable_dir(out_dir, "dataset directory", "choose another place (--out / data.dir)")
 
-    text = load_source(source, cache_dir if cache_dir is not None else out_dir.parent)
+    text = load_source(source, cache_dir if cache_dir is not None else out_dir.parent, search=[out_dir])
     tok = get_tokenizer(tokenizer, text=text, vocab_size=request["requested_vocab_size"])
     dtype = token_dtype(tok.vocab_size)
     ids = np.asarray(tok.encode(text), dtype=dtype)
@@ -118,8 +115,11 @@ def prepare_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char
         raise UserError(f"source text is too short: {len(ids)} tokens give n_train={n_train}, "
                         f"n_val={n_val}, and each split needs at least 2; use a longer text")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_FILE).unlink(missing_ok=True)           # the dir is incomplete from here on
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / META_FILE).unlink(missing_ok=True)       # the dir is incomplete from here on
+    except OSError as e:
+        raise write_error("dataset directory", out_dir, e) from None
     tok.save(out_dir)
     little = np.dtype(dtype).newbyteorder("<")             # the files are little-endian everywhere
     _write_atomic(out_dir / "train.bin", ids[:n_train].astype(little).tobytes())

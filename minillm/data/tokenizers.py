@@ -9,17 +9,19 @@ Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``voc
 - BPETokenizer: byte-level BPE learned from scratch (see bpe_train.py). Any text, including
   emoji or invalid UTF-8, is some sequence of byte tokens, so nothing is ever unknown.
 - GPT2Tokenizer: OpenAI's GPT-2 BPE (50257 tokens), through tiktoken.
+- AddedTokens: any of them plus special tokens appended after its vocabulary (fine-tuning).
 """
 from __future__ import annotations
 
 import json
-import os
+import re
 from pathlib import Path
 
 from minillm.choices import TOKENIZERS
 from minillm.data.bpe_train import train_bpe
 from minillm.data.pretokenize import GPT2_PATTERN, split_specials, split_words
 from minillm.errors import UserError
+from minillm.fileio import write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 ENDOFTEXT = "<|endoftext|>"
@@ -28,9 +30,8 @@ TOKENIZER_KINDS = TOKENIZERS  # the one list: minillm.choices
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+    # readers see the old file or the whole new one, never half of it
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1), "tokenizer")
 
 
 def _check_ids(ids, vocab_size: int) -> list[int]:
@@ -228,6 +229,76 @@ class GPT2Tokenizer:
         return path
 
 
+class AddedTokens:
+    """A tokenizer plus special tokens appended after its vocabulary (chat roles, say).
+
+    The added tokens get ids ``base.vocab_size, base.vocab_size + 1, ...``, so a model grows its
+    embedding by ``len(added)`` rows and every old id keeps its meaning. ``encode`` turns the
+    added strings in a text into their ids and encodes the rest with the base tokenizer;
+    ``encode_plain`` never makes a special token (for user content, which must not be able to
+    forge a role marker). Saved as the base's tokenizer.json plus an ``added_tokens`` list.
+    """
+
+    def __init__(self, base, tokens):
+        if isinstance(base, AddedTokens):
+            base, tokens = base.base, base.added + [t for t in tokens if t not in base.added]
+        self.base, self.added = base, list(tokens)
+        self.name = base.name
+        self.ids = {t: base.vocab_size + i for i, t in enumerate(self.added)}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in self.added) + ")") if self.added else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size + len(self.added)
+
+    @property
+    def eot_id(self):
+        return self.base.eot_id
+
+    def token_id(self, token: str) -> int:
+        return self.ids[token]
+
+    def encode_plain(self, text: str) -> list[int]:
+        return (getattr(self.base, "encode_ordinary", None) or self.base.encode)(text)
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return self.base.encode(text)
+        ids = []
+        for piece in self._split.split(text):
+            ids += [self.ids[piece]] if piece in self.ids else self.base.encode(piece) if piece else []
+        return ids
+
+    def _runs(self, ids):
+        """(base ids, None) and (None, added token) runs of ``ids`` in order."""
+        n, run = self.base.vocab_size, []
+        for i in _check_ids(ids, self.vocab_size):
+            if i < n:
+                run.append(i)
+                continue
+            if run:
+                yield run, None
+                run = []
+            yield None, self.added[i - n]
+        if run:
+            yield run, None
+
+    def decode(self, ids) -> str:
+        return "".join(tok if run is None else self.base.decode(run) for run, tok in self._runs(ids))
+
+    def decode_bytes(self, ids) -> bytes:
+        enc = getattr(self.base, "decode_bytes", None) or (lambda run: self.base.decode(run).encode("utf-8"))
+        return b"".join(tok.encode("utf-8") if run is None else enc(run) for run, tok in self._runs(ids))
+
+    def to_dict(self) -> dict:
+        return dict(self.base.to_dict(), added_tokens=list(self.added))
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        _write_json_atomic(path, self.to_dict())
+        return path
+
+
 def _check_kind(kind: str) -> str:
     if kind not in TOKENIZER_KINDS:
         raise UserError(f"unknown tokenizer {kind!r}; choose one of: {', '.join(TOKENIZER_KINDS)}")
@@ -258,10 +329,12 @@ def get_tokenizer(kind: str, text: str | None = None, vocab_size: int | None = N
 def tokenizer_from_dict(d: dict):
     kind = _check_kind(d.get("kind"))
     if kind == "char":
-        return CharTokenizer(d["chars"])
-    if kind == "bpe":
-        return BPETokenizer(d["merges"], d["special_tokens"], d.get("pattern", GPT2_PATTERN))
-    return GPT2Tokenizer()
+        tok = CharTokenizer(d["chars"])
+    elif kind == "bpe":
+        tok = BPETokenizer(d["merges"], d["special_tokens"], d.get("pattern", GPT2_PATTERN))
+    else:
+        tok = GPT2Tokenizer()
+    return AddedTokens(tok, d["added_tokens"]) if d.get("added_tokens") else tok
 
 
 def load_tokenizer(path):

@@ -62,7 +62,8 @@ class GradSync:
         return self.comm.allreduce_scalar(value, "sum") / self.comm.size
 
     def make_optimizer(self, train_cfg, params):
-        """The optimizer over ``params`` (the float32 master weights) for ``train.optimizer``."""
+        """The optimizer over ``params`` (the float32 master weights) for ``train.optimizer``,
+        weight decay by ``train.no_decay`` (a sync holding pieces applies it to their parameters)."""
         return _plain_optimizer(train_cfg, params)
 
     def owned(self, named_params) -> list:

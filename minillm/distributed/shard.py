@@ -75,9 +75,11 @@ class ShardGroup:
     def piece_names(self) -> list[str]:
         return [f"{self.names[i]}[{a}:{b}]" for i, a, b, _ in self.slices]
 
-    def decays(self) -> list[bool]:
-        """Weight decay of each piece: that of the parameter it comes from (matrices, ndim >= 2)."""
-        return [len(self.shapes[i]) >= 2 for i, _, _, _ in self.slices]
+    def decays(self, decay=None) -> list[bool]:
+        """Weight decay of each piece: that of the parameter it comes from, by ``decay``
+        ({name: bool}, ``optim/groups.py``'s ``decay_by_name``) or else matrices (ndim >= 2)."""
+        return [len(self.shapes[i]) >= 2 if decay is None else decay[self.names[i]]
+                for i, _, _, _ in self.slices]
 
 
 def piece_of(full, start: int, stop: int, dtype):

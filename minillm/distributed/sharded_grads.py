@@ -38,6 +38,7 @@ from minillm.distributed.shard import ShardGroup, concat_pieces, gather_to_root,
 from minillm.distributed.zero import ShardedAdamW, ShardedGrads
 from minillm.nn import Parameter
 from minillm.nn.module import check_state
+from minillm.optim.groups import decay_by_name
 
 _MASTER_TAG = 7101  # master-weight shards travelling to rank 0 for a checkpoint
 
@@ -175,9 +176,11 @@ class ShardedSync(ShardedGrads):
         order); the config rejects ZeRO with SGD."""
         self._masters = [p for _, p in params]
         t = train_cfg
+        decay = decay_by_name([n for g in self.groups for n in g.names],
+                              [s for g in self.groups for s in g.shapes], t.no_decay)
         return ShardedAdamW(params, self.groups, self.comm, lr=t.lr, betas=(t.beta1, t.beta2),
                             eps=t.eps, weight_decay=t.weight_decay, order=self.order,
-                            after_step=self._publish)
+                            after_step=self._publish, decay=decay)
 
     def _publish(self):
         """After the optimizer stepped this rank's master pieces (ZeRO-2: every rank gets them)."""

@@ -43,7 +43,8 @@ from minillm.distributed.shard import (ShardGroup, ShardLayout,  # noqa: F401
                                        broadcast_params, flatten_params_, gather_to_root, piece_of)
 from minillm.errors import UserError
 from minillm.optim.adamw import AdamW
-from minillm.optim.optimizer import named_parameters
+from minillm.optim.groups import param_groups
+from minillm.optim.optimizer import flatten_groups
 
 _STATE_TAG = 7100  # the moments' shards travelling to rank 0 for a checkpoint
 
@@ -109,8 +110,8 @@ class ZeroSync(ShardedGrads):
     def make_optimizer(self, train_cfg, params):
         """AdamW over this rank's shard (the config rejects zero with SGD)."""
         t = train_cfg
-        return ZeroAdamW(params, self.comm, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                         weight_decay=t.weight_decay)
+        return ZeroAdamW(param_groups(params, t.no_decay, strict=False), self.comm, lr=t.lr,
+                         betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
 # ---------------------------------------------------------------- the optimizer -----------------
@@ -136,9 +137,10 @@ class ShardedAdamW(AdamW):
     """AdamW over this rank's pieces of sharded parameter groups (``shard.py``).
 
     ``ShardedAdamW(pieces, groups, comm, lr, betas, eps, weight_decay, order=None,
-    after_step=None)``: ``pieces`` are the (name, parameter) pairs of every group's pieces in
-    order (``ShardGroup.piece_names``), each a flat slice with ``.data`` and ``.grad``. The update
-    is AdamW's own code; weight decay follows the parameter a piece comes from (>= 2-D). The
+    after_step=None, decay=None)``: ``pieces`` are the (name, parameter) pairs of every group's
+    pieces in order (``ShardGroup.piece_names``), each a flat slice with ``.data`` and ``.grad``.
+    The update is AdamW's own code; weight decay follows the parameter a piece comes from
+    (``decay``: {parameter name: bool}, from ``train.no_decay``; default: >= 2-D). The
     moments of each group's shard live in one flat array (``m[g]``, ``v[g]``; each piece's state
     is a view), so a checkpoint sends one message per group. ``after_step()`` runs after every
     step (ZeRO-1 and ZeRO-2: all-gather the updated shards). ``state_dict`` / ``load_state_dict``
@@ -147,7 +149,7 @@ class ShardedAdamW(AdamW):
     """
 
     def __init__(self, pieces, groups, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, order=None, after_step=None):
+                 weight_decay=0.0, order=None, after_step=None, decay=None):
         if not pieces:
             total = sum(g.layout.total for g in groups)
             raise UserError(f"the model has {total} parameters, too few to shard over "
@@ -158,7 +160,7 @@ class ShardedAdamW(AdamW):
             raise ValueError("ShardedAdamW: pieces must come group by group in shard order")
         self.comm, self.groups, self._after_step = comm, list(groups), after_step
         self.order = list(order) if order is not None else [n for g in groups for n in g.names]
-        self._decay = [d for g in groups for d in g.decays()]  # a 1-D slice of a matrix is still decayed
+        self._decay = [d for g in groups for d in g.decays(decay)]  # a 1-D slice of a matrix is still decayed
         dtype = self.params[0].data.dtype
         self.m = [xp.zeros(g.count, dtype=dtype) for g in groups]
         self.v = [xp.zeros(g.count, dtype=dtype) for g in groups]
@@ -229,20 +231,21 @@ class ZeroAdamW(ShardedAdamW):
     ZeRO-1's optimizer.
 
     AdamW over this rank's shard of ``params`` (the float32 master weights, all ranks passing
-    the same names and shapes). On construction the master weights move into one flat buffer
+    the same names and shapes; pairs, or ``param_groups`` whose flags say what decays). On construction the master weights move into one flat buffer
     (each ``p.data`` a view into it, one group); ``step`` updates this rank's shard, then
     all-gathers the buffer, so afterwards every rank holds the whole updated model.
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.master_names, self.masters = named_parameters(params, "ZeroAdamW")
+        self.master_names, self.masters, flags = flatten_groups(params, "ZeroAdamW")
         group = ShardGroup(self.master_names, [p.shape for p in self.masters], comm.rank, comm.size)
         self.layout = group.layout
         self.flat = flatten_params_(self.masters)
         pieces = [(name, ParamSlice(self.masters[i], a, b))
                   for (i, a, b, _), name in zip(group.slices, group.piece_names())]
-        super().__init__(pieces, [group], comm, lr=lr, betas=betas, eps=eps,
-                         weight_decay=weight_decay, after_step=self._allgather)
+        super().__init__(pieces, [group], comm, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         after_step=self._allgather,
+                         decay=None if flags is None else dict(zip(self.master_names, flags)))
 
     def _allgather(self):
         self.comm.allgather_(self.flat, self.layout.counts)  # ... and everybody gets every shard

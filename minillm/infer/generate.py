@@ -27,6 +27,7 @@ from minillm.autograd.tensor import no_grad
 from minillm.infer.text import TextStream
 from minillm.model.kv_cache import KVCache
 from minillm.model.sampling import check_sampling, sample_next
+from minillm.model.vocab import mask_padded_logits
 
 
 @dataclass
@@ -98,8 +99,9 @@ class Sequence:
 class Batch:
     """Rows decoding together over one KV cache of ``max_rows`` rows x block_size positions."""
 
-    def __init__(self, model, max_rows):
+    def __init__(self, model, max_rows, n_valid=None):
         self.model = model.eval()
+        self.n_valid = n_valid  # ids >= n_valid (a vocabulary padded past the tokenizer's) never drawn
         self.bs = model.config.block_size
         self.cache = KVCache(model.config.n_layer, capacity=self.bs, rows=max_rows)
         self.valid = numpy.zeros((max_rows, self.bs), dtype=bool)   # (R, cap): real key columns
@@ -197,7 +199,7 @@ class Batch:
         with no_grad():
             logits, _ = self.model(backend.asarray(idx), cache=cache, attn_mask=mask,
                                    positions=positions)
-        return backend.to_numpy(logits.data[:, -1, :])                             # (B, V)
+        return mask_padded_logits(backend.to_numpy(logits.data[:, -1, :]), self.n_valid)  # (B, V)
 
     def _sample(self, seqs, logits):
         events = [(s, tok, s.append(tok)) for s, tok in
@@ -231,7 +233,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=None, top
                      SamplingParams(max_new_tokens, temperature, top_k, top_p, s, tuple(stop)), decode)
             for p, s in zip(prompts, seeds)]
     was_training = model.training
-    batch = Batch(model, max_batch or len(seqs))
+    batch = Batch(model, max_batch or len(seqs), tokenizer.vocab_size if tokenizer is not None else None)
     waiting = list(seqs)
     try:
         while waiting or len(batch):

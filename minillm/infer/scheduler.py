@@ -56,8 +56,9 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch=8, max_queue=16):
-        self.batch = Batch(model, max_batch)
+    def __init__(self, model, max_batch=8, max_queue=16, n_valid=None):
+        self.n_valid = n_valid  # the tokenizer's vocabulary: padded ids past it are never sampled
+        self.batch = Batch(model, max_batch, n_valid)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting = collections.deque()
         self.active = {}                          # Sequence -> Request, those in the batch
@@ -146,7 +147,7 @@ class Scheduler:
                     req.events.put(("error", msg))
                 with self.cond:
                     self.active.clear()
-                self.batch = Batch(self.batch.model, self.max_batch)  # its cache may be half-written
+                self.batch = Batch(self.batch.model, self.max_batch, self.n_valid)  # its cache may be half-written
             with self.cond:
                 self.cond.notify_all()  # drain() waits on this
 

@@ -278,7 +278,7 @@ def serve_command(args):
     bits = next((m.qweight.bits for _, m in model.named_modules() if hasattr(m, "qweight")), None)
     info = {"model": str(ckpt), "block_size": bs, "vocab_size": cfg.model.vocab_size,
             "quantized_bits": bits, "max_prompt_tokens": max_prompt, "max_new_tokens": args.max_new_tokens}
-    scheduler = Scheduler(model, args.max_batch, args.max_queue)
+    scheduler = Scheduler(model, args.max_batch, args.max_queue, tokenizer.vocab_size)
     server.RequestHandlerClass.service = Service(scheduler, tokenizer, bs, max_prompt,
                                                  args.max_new_tokens, info)
     service = server.RequestHandlerClass.service

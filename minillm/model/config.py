@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 
 from minillm.choices import MLPKind, Norm, Position
-from minillm.config_section import AT_LEAST_0, POSITIVE_INT, Section, require
+from minillm.config_section import AT_LEAST_0, POSITIVE, POSITIVE_INT, Section, require
 
 
 @dataclass
@@ -18,9 +18,13 @@ class GPTConfig(Section):
     mlp: MLPKind = "gelu"
     pos: Position = "learned"
     tie_embeddings: bool = True
+    d_ff: int = 0                # MLP hidden width; 0 = derived (4C for gelu, ~8C/3 for swiglu)
+    rope_theta: float = 10000.0  # RoPE base: the longest wavelength grows with it (Llama 3: 500000)
     _name = "model"
     _rules = (((AT_LEAST_0[0], "a positive integer (or 0: from the data)"), "vocab_size"),
-              (POSITIVE_INT, "block_size", "n_layer", "n_head", "n_embd"))
+              (POSITIVE_INT, "block_size", "n_layer", "n_head", "n_embd"),
+              ((AT_LEAST_0[0], "an integer >= 0 (0: derived from n_embd)"), "d_ff"),
+              (POSITIVE, "rope_theta"))
 
     def _validate(self):
         require(self.n_embd % self.n_head == 0,
@@ -37,6 +41,8 @@ class GPTConfig(Section):
 
     @property
     def mlp_hidden(self) -> int:
+        if self.d_ff:
+            return self.d_ff
         if self.mlp == "gelu":
             return 4 * self.n_embd
         return ((8 * self.n_embd // 3) + 7) // 8 * 8  # SwiGLU: ~2/3 of 4C, so parameters match

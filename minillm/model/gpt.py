@@ -12,6 +12,7 @@ from minillm.errors import ConfigError
 from minillm.model.config import GPTConfig
 from minillm.model.kv_cache import KVCache  # noqa: F401  (part of this module's API)
 from minillm.model.sampling import check_sampling, sample_next
+from minillm.model.vocab import mask_padded_logits
 from minillm.nn import (CrossEntropyLoss, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList,
                         RMSNorm)
 from minillm.nn.layers import SampleDropoutRNG
@@ -34,9 +35,9 @@ def rope_tables(head_size, positions, base=10000.0, dtype="float32"):
 
 
 @functools.lru_cache(maxsize=64)
-def _rope_cached(device_key, head_size, start, T, dtype):
+def _rope_cached(device_key, head_size, start, T, dtype, base=10000.0):
     """rope_tables for positions start..start+T-1, made (and copied to device_key) once."""
-    return rope_tables(head_size, numpy.arange(start, start + T), dtype=dtype)
+    return rope_tables(head_size, numpy.arange(start, start + T), base=base, dtype=dtype)
 
 
 class AttentionCore(Module):
@@ -166,8 +167,10 @@ class GPT(Module):
         if self.config.pos != "rope":
             return None
         if positions is None:  # the same positions for every row: tables made once per device
-            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype))
-        cos, sin = rope_tables(self.config.head_size, positions, dtype=dtype)    # (B, T, hs)
+            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype),
+                                self.config.rope_theta)
+        cos, sin = rope_tables(self.config.head_size, positions, base=self.config.rope_theta,
+                               dtype=dtype)                                      # (B, T, hs)
         return cos[:, None], sin[:, None]                                       # (B, 1, T, hs)
 
     def run_blocks(self, x, start=0, stop=None, rope=None, cache=None, attn_mask=None):
@@ -201,10 +204,12 @@ class GPT(Module):
         return logits, loss
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True,
+                 n_valid=None):
         """Append ``max_new_tokens`` sampled tokens to idx (B, T); returns a numpy int64 array.
 
-        temperature 0 picks the most likely token. With ``use_cache`` each new token costs one
+        temperature 0 picks the most likely token; ids >= ``n_valid`` (a vocabulary padded past
+        the tokenizer's, model/vocab.py) are never picked. With ``use_cache`` each new token costs one
         position's forward (keys and values of the prefix are kept); past block_size the context
         window slides, positions change, and the window is recomputed, exactly as without a cache.
         """
@@ -226,7 +231,8 @@ class GPT(Module):
                             cache.set_length(0)
                         logits, _ = self(backend.asarray(idx[:, -bs:]), cache=cache)
                     fed = idx.shape[1]
-                    nxt = sample_next(backend.to_numpy(logits.data[:, -1, :]), temperature, top_k, rng)
+                    last = mask_padded_logits(backend.to_numpy(logits.data[:, -1, :]), n_valid)  # (B, V)
+                    nxt = sample_next(last, temperature, top_k, rng)
                     idx = numpy.concatenate([idx, nxt[:, None]], axis=1)
         finally:
             self.train(was_training)

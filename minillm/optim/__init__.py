@@ -13,6 +13,7 @@ Typical use in a training step::
 from minillm.optim.adamw import AdamW
 from minillm.optim.clip import (clip_grad_norm, clip_grad_norm_device, global_grad_norm,
                                 grad_square_sum, scale_grads)
+from minillm.optim.groups import DEFAULT_NO_DECAY, check_no_decay, param_groups
 from minillm.optim.optimizer import Optimizer
 from minillm.optim.schedules import (SCHEDULES, check_schedule, constant_lr, cosine_lr, get_lr,
                                      inv_sqrt_lr, warmup_lr, wsd_lr)
@@ -20,15 +21,18 @@ from minillm.optim.sgd import SGD
 
 
 def make_optimizer(train_cfg, params):
-    """The optimizer ``train.optimizer`` names, over ``params``, with the ``[train]`` settings."""
+    """The optimizer ``train.optimizer`` names, over the (name, parameter) pairs ``params``, with
+    the ``[train]`` settings; weight decay by ``train.no_decay`` (groups.py; not strict: a
+    pipeline stage holds only part of the model, the trainer checks the rule on the whole)."""
     t = train_cfg
+    params = param_groups(params, t.no_decay, strict=False)
     if t.optimizer == "sgd":
         return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
 __all__ = [
-    "AdamW", "SGD", "Optimizer", "make_optimizer",
+    "AdamW", "SGD", "Optimizer", "make_optimizer", "param_groups", "check_no_decay", "DEFAULT_NO_DECAY",
     "clip_grad_norm", "clip_grad_norm_device", "global_grad_norm", "grad_square_sum", "scale_grads",
     "get_lr", "check_schedule", "SCHEDULES",
     "warmup_lr", "constant_lr", "cosine_lr", "wsd_lr", "inv_sqrt_lr",

@@ -2,7 +2,7 @@
 
 For each parameter p with gradient g, at step t (1, 2, ...)::
 
-    p  = p * (1 - lr * weight_decay)          # decoupled decay, only for ndim >= 2
+    p  = p * (1 - lr * weight_decay)          # decoupled decay, ndim >= 2 by default
     m  = beta1 * m + (1 - beta1) * g          # running mean of gradients
     v  = beta2 * v + (1 - beta2) * g * g      # running mean of squared gradients
     m_hat = m / (1 - beta1 ** t)              # bias correction: m, v start at 0
@@ -39,7 +39,8 @@ class AdamW(Optimizer):
     """``AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)``.
 
     ``params``: parameters, ``(name, parameter)`` pairs or a name -> parameter mapping.
-    Weight decay applies to parameters with ``ndim >= 2`` only (not biases or norm gains).
+    Weight decay applies to parameters with ``ndim >= 2`` only (not biases or norm gains), unless
+    ``params`` is a list of groups from ``param_groups`` that say otherwise (see groups.py).
     ``step(lr=None)`` takes an optional learning rate (from a schedule) that becomes ``self.lr``.
     Parameters whose ``grad`` is None are left untouched; bias correction uses the optimizer's
     step count (PyTorch counts per parameter; the two agree whenever every parameter has a

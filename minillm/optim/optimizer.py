@@ -55,6 +55,34 @@ def named_parameters(params, owner: str):
     return names, plist
 
 
+def flatten_groups(params, owner: str):
+    """``(names, params, decay)`` from what an optimizer was given: parameters or (name,
+    parameter) pairs (``decay`` is then None: the default rule applies), or a list of groups
+    ``{"params": ..., "decay": bool}`` (see groups.py) whose flags give one bool per parameter."""
+    items = list(params.items()) if isinstance(params, Mapping) else list(params)
+    if not items or not all(isinstance(g, Mapping) for g in items):
+        if any(isinstance(g, Mapping) for g in items):
+            raise UserError(f"{owner} got a mix of parameter groups (dicts) and parameters; pass one kind")
+        return (*named_parameters(items, owner), None)
+    flat, decay = [], []
+    for i, g in enumerate(items):
+        unknown = sorted(set(g) - {"params", "decay"})
+        if "params" not in g or unknown:
+            raise UserError(f"{owner}: parameter group {i} must have 'params' and may have 'decay' "
+                            f"(on/off); it has {sorted(g)}")
+        group = list(g["params"])
+        flat += group
+        decay += [None if "decay" not in g else bool(g["decay"])] * len(group)
+    names, plist = named_parameters(flat, owner)
+    return names, plist, [default_decay(p) if d is None else d for p, d in zip(plist, decay)]
+
+
+def default_decay(p) -> bool:
+    """The rule when nobody says otherwise: matrices (Linear, Embedding) decay, vectors (biases,
+    norm gains) do not, as in GPT-2 / nanoGPT training recipes (groups.py overrides it)."""
+    return p.data.ndim >= 2
+
+
 def scratch_views(params, count: int = 1):
     """For each parameter, ``count`` scratch arrays of its shape and dtype.
 
@@ -86,15 +114,13 @@ class Optimizer:
 
     def __init__(self, params, **hyper):
         owner = type(self).__name__
-        self.names, self.params = named_parameters(params, owner)
+        self.names, self.params, decay = flatten_groups(params, owner)
         self._configure(**hyper)
         self.step_count = 0  # optimizer steps taken; AdamW's bias correction uses it
         self.state = {name: {k: xp.zeros_like(p.data) for k in self._buffers_for(p)}
                       for name, p in zip(self.names, self.params)}
         self._scratch = scratch_views(self.params, self.scratch_count)
-        # Weight decay is for matrices (Linear, Embedding); biases and norm gains are left
-        # alone, as in GPT-2 / nanoGPT training recipes.
-        self._decay = [p.data.ndim >= 2 for p in self.params]
+        self._decay = decay if decay is not None else [default_decay(p) for p in self.params]
 
     def _configure(self, **hyper):
         raise NotImplementedError

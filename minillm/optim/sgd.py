@@ -19,7 +19,7 @@ class SGD(Optimizer):
 
     Same protocol as AdamW: ``step(lr=None)``, ``zero_grad()``, ``state_dict()`` with the
     per-parameter ``momentum_buffer``, ``load_state_dict(d)``. As in AdamW, weight decay
-    applies to parameters with ``ndim >= 2`` only.
+    applies to parameters with ``ndim >= 2`` only, unless parameter groups say otherwise.
     """
 
     hyperparameters = ("lr", "momentum", "weight_decay", "nesterov")

@@ -109,6 +109,7 @@ def measure_training(cfg, comm, steps: int = 2, warmup: int = 1, timed: int = 2)
             trainer.step += 1
         backend.synchronize()
         step_s = (time.perf_counter() - t0) / max(timed, 1)
+        trainer.close()  # release the scratch run directory's lock before it is removed
         comm.barrier()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"peak": int(peak), "held": int(held), "rss_before": rss_before, "rss_peak": rss_peak,

@@ -22,8 +22,8 @@ class Block(nn.Module):
         self.attn.c_proj = nn.Linear(C, C, bias=cfg.bias)
         self.ln_2 = nn.LayerNorm(C, bias=cfg.bias)
         self.mlp = nn.Module()
-        self.mlp.c_fc = nn.Linear(C, 4 * C, bias=cfg.bias)
-        self.mlp.c_proj = nn.Linear(4 * C, C, bias=cfg.bias)
+        self.mlp.c_fc = nn.Linear(C, cfg.mlp_hidden, bias=cfg.bias)
+        self.mlp.c_proj = nn.Linear(cfg.mlp_hidden, C, bias=cfg.bias)
         self.n_head = cfg.n_head
 
     def forward(self, x):

@@ -9,8 +9,11 @@ from minillm.checkpoint import find_latest_checkpoint, load_checkpoint
 from minillm.config import config_from_dict, data_dir
 from minillm.data import BatchSampler, TokenDataset, load_tokenizer
 from minillm.errors import UserError
+import minillm.functional as F
 from minillm.model import GPT
+from minillm.model.vocab import mask_padded_logits
 from minillm.nn.module import load_params
+from minillm.perf.threads import apply_threads
 
 
 def resolve_checkpoint(path):
@@ -43,6 +46,7 @@ def load_model(path, device=None):
                         f"pass a ckpt_XXXXXXX.h5 written by minillm train")
     cfg = config_from_dict(state["config"])
     backend.set_device(backend.resolve_device(device, cfg.train.device)[0])
+    apply_threads(cfg)  # sampling a small model is many small matmuls: one BLAS thread
     model = GPT(cfg.model, seed=cfg.train.seed)
     load_params(list(model.named_parameters()), state["model"], f"checkpoint {ckpt}")
     return model.eval(), cfg, ckpt
@@ -66,12 +70,13 @@ def evaluate(model, cfg, iters=None, split="val"):
     ds = TokenDataset(data_dir(cfg), split)
     sampler = BatchSampler(ds.tokens, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
     iters = iters or cfg.train.eval_iters
-    from minillm.autograd.tensor import no_grad
+    from minillm.autograd.tensor import Tensor, no_grad
     total = 0.0
     with no_grad():
         for i in range(iters):
             x, y = sampler.eval_batch(i)
-            total += float(model(backend.asarray(x), backend.asarray(y))[1].data)
+            logits = mask_padded_logits(model(backend.asarray(x))[0].data, ds.vocab_size)  # (B, T, V)
+            total += float(F.cross_entropy(Tensor(logits), backend.asarray(y)).data)
     loss = total / iters
     return {"loss": loss, "perplexity": math.exp(loss), "batches": iters, "split": split}
 
@@ -80,7 +85,7 @@ def sample_text(model, tokenizer, prompt="", max_new_tokens=200, temperature=0.8
     """Generate text after ``prompt`` (an empty prompt starts from a newline, or token 0)."""
     ids = tokenizer.encode(prompt) if prompt else _start_ids(tokenizer)
     out = model.generate(numpy.asarray([ids]), max_new_tokens, temperature=temperature,
-                         top_k=top_k, seed=seed)
+                         top_k=top_k, seed=seed, n_valid=tokenizer.vocab_size)
     return tokenizer.decode(out[0].tolist())
 
 

@@ -1,26 +1,10 @@
-"""Run-directory logging: metrics.jsonl (one JSON object per logged step) and the console line."""
+"""Run-directory logging: metrics.jsonl, one JSON object per logged step (the console line is
+in progress.py). A write the disk refuses is a one-line error naming the file."""
 import json
 import math
 from pathlib import Path
 
-
-def format_line(m):
-    """One readable console line for a metrics record."""
-    parts = [f"step {m['step']:>6}", f"loss {m['loss']:.4f}"]
-    if m.get("val_loss") is not None:
-        parts.append(f"val {m['val_loss']:.4f}")
-    parts += [f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.3f}"]
-    if m.get("tokens_per_s"):
-        parts.append(f"{m['tokens_per_s'] / 1000:.1f}k tok/s")
-    if m.get("ms_per_step"):
-        parts.append(f"{m['ms_per_step']:.0f} ms")
-    if m.get("comm_wait_ms") is not None:
-        parts.append(f"comm wait {m['comm_wait_ms']:.1f} ms")
-    if m.get("mfu") is not None:
-        parts.append(f"mfu {100 * m['mfu']:.1f}%")
-    if m.get("loss_scale") is not None:
-        parts.append(f"scale {m['loss_scale']:g}")
-    return " | ".join(parts)
+from minillm.fileio import append_line, write_atomic
 
 
 class MetricsLog:
@@ -41,14 +25,13 @@ class MetricsLog:
                         kept.append(line)
                 except (ValueError, KeyError):
                     continue
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_atomic(self.path, "".join(line + "\n" for line in kept), "metrics")
 
     def write(self, record):
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        append_line(self.path, json.dumps(clean), "metrics")
 
 
 def read_metrics(run_dir):

@@ -3,6 +3,15 @@ import json
 from pathlib import Path
 
 from minillm.errors import UserError
+from minillm.fileio import write_error
+
+
+def _save(fig, out):
+    """Write the PNG; a path the disk refuses is a one-line error naming it."""
+    try:
+        fig.savefig(out, dpi=110)
+    except (OSError, ValueError) as e:  # ValueError: a file name whose extension is no image format
+        raise write_error("plot", out, e, "choose another --out") from None
 
 _COMPUTE = ("forward", "backward", "weight")
 
@@ -47,7 +56,7 @@ def plot_metrics(run_dir, out=None):
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "metrics.png"
-    fig.savefig(out, dpi=110)
+    _save(fig, out)
     return out
 
 
@@ -109,7 +118,7 @@ def plot_timeline(run_dir, out=None):
     draw_timeline(ax, ranks)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "timeline.png"
-    fig.savefig(out, dpi=110)
+    _save(fig, out)
     return out
 
 
