@@ -110,7 +110,15 @@ class MinHasher:
     def signatures(self, texts) -> np.ndarray:
         """(N, num_perm) uint32 MinHash signatures of N documents."""
         x, owner = batch_shingle_hashes(texts, self.ngram)
-        sig = np.full((len(texts), self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+        return self.signatures_of_sets(x, owner, len(texts))
+
+    def signatures_of_sets(self, x: np.ndarray, owner: np.ndarray | None = None, n: int = 1):
+        """Signatures of ``n`` sets given as element hashes ``x`` (32-bit values) and the set each
+        belongs to (``owner``, non-decreasing; None: all in set 0). An empty set's signature is
+        all 0xFFFFFFFF."""
+        x = np.asarray(x, dtype=np.uint64)
+        owner = np.zeros(len(x), dtype=np.int64) if owner is None else np.asarray(owner)
+        sig = np.full((n, self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
         first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(x) else x
         a, b = self.a[:, None], self.b[:, None]
         for c0 in range(0, len(x), _CHUNK):

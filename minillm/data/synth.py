@@ -5,9 +5,9 @@ Words follow Zipf's law over a vocabulary whose most frequent entries are real E
 words (so stop-word rules see English) and the rest pseudo-words built from syllables (so BPE has
 a realistic long tail of rare words). Everything is a function of the seed.
 
-Labels: ``"unique"``, ``"exact"`` (a byte copy of an earlier document), ``"near"`` (an earlier
-document with about ``near_edit`` of its words replaced and a new first line), ``"junk:RULE"``
-(made to fail the quality rule RULE of ``minillm.data.filters``).
+Labels: ``"unique"``, ``"exact:I"`` (a byte copy of document I), ``"near:I"`` (document I with
+about ``near_edit`` of its words replaced and a new first line), ``"junk:RULE"`` (made to fail
+the quality rule RULE of ``minillm.data.filters``).
 """
 from __future__ import annotations
 
@@ -139,23 +139,24 @@ def generate(spec: CorpusSpec):
     """Yield ``(document, label)`` pairs; duplicates copy a random earlier unique document."""
     rng = np.random.default_rng([spec.seed, 2])
     sampler = WordSampler(spec.vocab_size, seed=spec.seed)
-    originals: list[str] = []                 # a bounded pool of unique documents to copy from
+    originals: list[tuple[int, str]] = []     # a bounded pool of unique documents to copy from
     n_junk = 0
     for i in range(spec.n_docs):
         u = rng.random()
         if originals and u < spec.exact_rate:
-            yield originals[int(rng.integers(len(originals)))], "exact"
+            j, src = originals[int(rng.integers(len(originals)))]
+            yield src, f"exact:{j}"
         elif originals and u < spec.exact_rate + spec.near_rate:
-            src = originals[int(rng.integers(len(originals)))]
-            yield near_copy(src, rng, sampler, spec.near_edit), "near"
-        elif u < spec.exact_rate + spec.near_rate + spec.junk_rate:
+            j, src = originals[int(rng.integers(len(originals)))]
+            yield near_copy(src, rng, sampler, spec.near_edit), f"near:{j}"
+        elif spec.exact_rate + spec.near_rate <= u < spec.exact_rate + spec.near_rate + spec.junk_rate:
             kind = JUNK_KINDS[n_junk % len(JUNK_KINDS)]
             n_junk += 1
             yield junk_document(kind, rng, sampler), f"junk:{kind}"
         else:
             doc = sampler.document(rng, spec.mean_words)
             if len(originals) < 2000:
-                originals.append(doc)
+                originals.append((i, doc))
             else:
-                originals[int(rng.integers(len(originals)))] = doc
+                originals[int(rng.integers(len(originals)))] = (i, doc)
             yield doc, "unique"
