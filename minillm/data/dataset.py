@@ -64,9 +64,9 @@ def _request(source, tokenizer, vocab_size, val_fraction) -> dict:
 
 
 def is_corpus(source) -> bool:
-    """A source only the sharded pipeline reads: a directory, or a JSONL file."""
+    """A source only the sharded pipeline reads: a directory, a JSONL file, a gzip file."""
     p = Path(str(source))
-    return p.is_dir() or p.name.endswith((".jsonl", ".jsonl.gz"))
+    return p.is_dir() or p.name.endswith((".jsonl", ".gz"))
 
 
 def read_meta(data_dir) -> dict | None:

@@ -14,7 +14,7 @@ What a document is (the stated rule):
   newline before the limit (or at the limit if there is none), each then a document of its own.
   This also bounds the memory one document can take.
 
-Files are read in blocks of 1 MiB and decoded as UTF-8. Bytes that are not UTF-8 (a Latin-1 file,
+Files are read in blocks of 256 KiB and decoded as UTF-8. Bytes that are not UTF-8 (a Latin-1 file,
 a mix of encodings) stop the run with the file, line and byte offset, unless
 ``bad_utf8="skip"``, which drops the documents that contain them (counted in the report).
 """
@@ -35,7 +35,7 @@ JSONL_SUFFIXES = (".jsonl",)
 DOC_SEPS = ("eot", "blank")
 _SEP = {"eot": re.compile(re.escape("<|endoftext|>")), "blank": re.compile(r"\n(?:[ \t]*\n)+")}
 _BAD = re.compile("[\ud800-\udfff]")          # undecodable bytes (surrogateescape) or lone surrogates
-_BLOCK = 1 << 20
+_BLOCK = 1 << 18
 
 
 @dataclass
@@ -60,7 +60,7 @@ class ReadStats:
     docs: int = 0                           # documents read (including skipped ones)
     invalid_docs: int = 0                   # dropped for undecodable bytes (bad_utf8="skip")
     invalid_chars: int = 0
-    cut_docs: int = 0                       # documents cut at max_doc_chars
+    cuts: int = 0                           # places a long document was cut (max_doc_chars)
     file_names: list = field(default_factory=list)
 
 
@@ -115,40 +115,28 @@ def source_fingerprint(entries) -> list:
 
 
 def _blocks(path: Path, name: str):
-    """Decoded text blocks of a file; undecodable bytes become lone surrogates (checked later)."""
+    """``(text, byte offset)`` blocks of a file, decoded; undecodable bytes become lone
+    surrogates (checked later)."""
     try:
         f = gzip.open(path, "rb") if _is_gz(path) else open(path, "rb")
     except OSError as e:
         raise UserError(f"cannot read {name} ({e.strerror or e}); fix its permissions or leave "
                         "it out") from None
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    consumed = 0                                  # bytes decoded so far
     with f:
         while True:
             try:
                 raw = f.read(_BLOCK)
             except (OSError, EOFError) as e:  # a damaged gzip stream, an I/O error
                 raise UserError(f"cannot read {name} ({e}); fix or leave out that file") from None
+            pending = len(decoder.getstate()[0])
             text = decoder.decode(raw, final=not raw)
             if text:
-                yield text
+                yield text, consumed
+            consumed += pending + len(raw) - len(decoder.getstate()[0])
             if not raw:
                 return
-
-
-class _Located:
-    """Turns a position in the decoded text of a file into 'line L, byte B' for messages."""
-
-    def __init__(self):
-        self.lines, self.bytes = 1, 0
-
-    def advance(self, text: str):
-        self.lines += text.count("\n")
-        self.bytes += len(text.encode("utf-8", "surrogateescape"))
-
-    def where(self, text: str, pos: int) -> str:
-        head = text[:pos]
-        return (f"line {self.lines + head.count(chr(10))}, byte "
-                f"{self.bytes + len(head.encode('utf-8', 'surrogateescape'))}")
 
 
 def _bad_input(name: str, where: str) -> UserError:
@@ -158,9 +146,8 @@ def _bad_input(name: str, where: str) -> UserError:
 
 def _cut(doc: str, limit: int, stats: ReadStats):
     """``doc`` in pieces of at most ``limit`` characters, cut after a newline where possible."""
-    if len(doc) > limit:
-        stats.cut_docs += 1
     while len(doc) > limit:
+        stats.cuts += 1
         cut = doc.rfind("\n", 0, limit) + 1 or limit
         yield doc[:cut]
         doc = doc[cut:]
@@ -168,13 +155,15 @@ def _cut(doc: str, limit: int, stats: ReadStats):
 
 
 def _text_documents(blocks, name: str, cfg: ReadConfig, stats: ReadStats):
-    sep, buf, loc = _SEP[cfg.doc_sep], "", _Located()
-    for block in blocks:
+    sep, buf, lines = _SEP[cfg.doc_sep], "", 1
+    for block, offset in blocks:
         if cfg.bad_utf8 == "error":
             m = _BAD.search(block)
             if m:
-                raise _bad_input(name, loc.where(block, m.start()))
-            loc.advance(block)
+                head = block[:m.start()]
+                raise _bad_input(name, f"line {lines + head.count(chr(10))}, byte "
+                                       f"{offset + len(head.encode('utf-8', 'surrogateescape'))}")
+            lines += block.count("\n")
         start, buf = 0, buf + block
         for m in sep.finditer(buf, max(0, len(buf) - len(block) - 64)):
             if m.end() == len(buf):
@@ -184,7 +173,7 @@ def _text_documents(blocks, name: str, cfg: ReadConfig, stats: ReadStats):
         buf = buf[start:]
         while len(buf) > 2 * cfg.max_doc_chars:         # one document longer than memory should hold
             cut = buf.rfind("\n", 0, cfg.max_doc_chars) + 1 or cfg.max_doc_chars
-            stats.cut_docs += 1
+            stats.cuts += 1
             yield buf[:cut]
             buf = buf[cut:]
     m = sep.search(buf)
@@ -197,7 +186,7 @@ def _text_documents(blocks, name: str, cfg: ReadConfig, stats: ReadStats):
 
 def _jsonl_documents(blocks, name: str, cfg: ReadConfig, stats: ReadStats):
     buf, lineno = "", 0
-    for block in blocks:
+    for block, _ in blocks:
         buf += block
         *lines, buf = buf.split("\n")
         for line in lines:
@@ -236,7 +225,7 @@ def iter_documents(entries, cfg: ReadConfig, stats: ReadStats, cache_dir="."):
             jsonl = _base_suffix(entry) in JSONL_SUFFIXES
             blocks = _blocks(entry, name)
         else:
-            jsonl, blocks = False, iter([load_source(entry, cache_dir)])
+            jsonl, blocks = False, iter([(load_source(entry, cache_dir), 0)])
         docs = (_jsonl_documents if jsonl else _text_documents)(blocks, name, cfg, stats)
         n = 0
         for doc in docs:

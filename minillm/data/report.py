@@ -64,7 +64,7 @@ def build_report(cfg, read, parts, dd, tok_stats, times, work) -> dict:
     cpu["tokenize"] = sum(s["seconds"] for s in tok_stats)
     docs_read, bytes_read = _sum(parts, "docs_in"), _sum(parts, "bytes_in")
     rows = [_stage("read", read.docs, bytes_read + read.invalid_chars, docs_read, bytes_read,
-                   invalid_utf8_docs=read.invalid_docs, cut_docs=read.cut_docs)]
+                   invalid_utf8_docs=read.invalid_docs, cuts=read.cuts)]
     docs, nbytes = docs_read, bytes_read
     if cfg.clean:
         empty = [sum(p["empty"][i] for p in parts) for i in (0, 1)]

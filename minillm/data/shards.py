@@ -29,7 +29,7 @@ from minillm.errors import UserError
 
 MANIFEST_FILE = "manifest.json"
 LAYOUT = "shards"
-_COPY = 1 << 23                     # tokens per copy step: bounds the memory of writing a shard
+_COPY = 1 << 18                     # tokens per copy step: bounds the memory of writing a shard
 _OPEN_MAPS = 64                     # memory maps kept open at once (each holds a file descriptor)
 
 
@@ -48,7 +48,7 @@ def shard_name(split: str, i: int) -> str:
     return f"{split}_{i:06d}.bin"
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
+def file_sha256(path, chunk: int = 1 << 18) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -160,8 +160,8 @@ def write_shards(parts, counts, out_dir, split: str, shard_tokens: int, dtype) -
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             for s in range(start, stop, _COPY):
-                block = stream.range(s, min(stop, s + _COPY)).tobytes()
-                h.update(block)
+                block = stream.range(s, min(stop, s + _COPY))
+                h.update(block)                                   # (buffers, no copies)
                 f.write(block)
         os.replace(tmp, path)
         entries.append({"file": path.name, "tokens": stop - start, "sha256": h.hexdigest()})

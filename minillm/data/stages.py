@@ -182,8 +182,11 @@ def tokenize_part(task):
         st[split]["bytes"] += nb
         st[split]["tokens"] += len(out)
     for split, arrays in ids.items():
-        blob = np.concatenate(arrays).tobytes() if arrays else b""
-        _atomic(tok_path(work, k, f".{split}.bin"), lambda tmp, b=blob: tmp.write_bytes(b))
+        def write(tmp, arrays=arrays):
+            with open(tmp, "wb") as f:
+                for a in arrays:
+                    f.write(a)
+        _atomic(tok_path(work, k, f".{split}.bin"), write)
     st["hist_out"] = length_histogram(kept_bytes)
     st["seconds"] = time.process_time() - t0
     _save_json(done, st)
