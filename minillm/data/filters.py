@@ -91,6 +91,10 @@ class _Doc:
     def lines(self) -> list:
         return [ln for ln in self.text.split("\n") if ln.strip()]
 
+    @functools.cached_property
+    def repeats(self) -> tuple[float, float]:
+        return _repeats(self)
+
 
 def _mean_word_length(d: _Doc, c: FilterConfig) -> bool:
     if not d.words:
@@ -108,20 +112,21 @@ def _share(lines, test) -> float:
     return sum(1 for ln in lines if test(ln)) / len(lines) if lines else 0.0
 
 
-def _repeated_lines(d: _Doc) -> list:
-    seen, repeats = set(), []
+def repeated_lines(text: str) -> tuple[float, float]:
+    """(share of the non-blank lines that repeat an earlier line, share of their characters)."""
+    return _Doc(text).repeats
+
+
+def _repeats(d: _Doc) -> tuple[float, float]:
+    seen, n_rep, c_rep = set(), 0, 0
     for ln in d.lines:
-        (repeats.append if ln in seen else seen.add)(ln)
-    return repeats
-
-
-def _dup_lines(d: _Doc, c: FilterConfig) -> bool:
-    return bool(d.lines) and len(_repeated_lines(d)) / len(d.lines) > c.max_dup_lines
-
-
-def _dup_line_chars(d: _Doc, c: FilterConfig) -> bool:
+        if ln in seen:
+            n_rep += 1
+            c_rep += len(ln)
+        else:
+            seen.add(ln)
     total = sum(map(len, d.lines))
-    return total > 0 and sum(map(len, _repeated_lines(d))) / total > c.max_dup_line_chars
+    return (n_rep / len(d.lines) if d.lines else 0.0), (c_rep / total if total else 0.0)
 
 
 def _top_2gram(d: _Doc, c: FilterConfig) -> bool:
@@ -151,8 +156,8 @@ _TESTS = {
                                                       if _HAS_LETTER.search(w))
     < c.min_alpha_words * len(d.words),
     "stop_words": lambda d, c: len(STOP_WORDS & d.counts.keys()) < c.min_stop_words,
-    "dup_lines": _dup_lines,
-    "dup_line_chars": _dup_line_chars,
+    "dup_lines": lambda d, c: d.repeats[0] > c.max_dup_lines,
+    "dup_line_chars": lambda d, c: d.repeats[1] > c.max_dup_line_chars,
     "top_2gram": _top_2gram,
     "lorem_ipsum": lambda d, c: _LOREM.search(d.text) is not None,
 }
