@@ -64,11 +64,11 @@ def batch_shingle_hashes(texts, ngram: int = 5):
     documents): ``(hashes, owner)``, uint64 32-bit hashes and the index of each one's document,
     in document order. The shingles are the word ``ngram``-grams of the lower-cased text; a
     document shorter than ``ngram`` words is one shingle of all its words; empty text has none."""
-    docs = [t.lower().split() for t in texts]
-    counts = np.array([len(w) for w in docs], dtype=np.int64)
+    norm = [" ".join(t.lower().split()) for t in texts]          # words apart by one space
+    counts = np.array([n.count(" ") + 1 if n else 0 for n in norm], dtype=np.int64)
     if counts.sum() == 0:
         return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
-    data = np.frombuffer(" ".join(w for ws in docs for w in ws).encode("utf-8"), dtype=np.uint8)
+    data = np.frombuffer(" ".join(filter(None, norm)).encode("utf-8"), dtype=np.uint8)
     pw, ipw = _pows(len(data) + 1)
     cum = np.zeros(len(data) + 1, dtype=np.uint64)
     np.cumsum((data.astype(np.uint64) + np.uint64(1)) * pw[:len(data)], out=cum[1:])
@@ -76,7 +76,7 @@ def batch_shingle_hashes(texts, ngram: int = 5):
     starts = np.concatenate(([0], spaces + 1))
     ends = np.concatenate((spaces, [len(data)]))
     word = (cum[ends] - cum[starts]) * ipw[starts]                  # position-free word hashes
-    owner_of_word = np.repeat(np.arange(len(docs)), counts)
+    owner_of_word = np.repeat(np.arange(len(texts)), counts)
     first_word = np.cumsum(counts) - counts
     n = np.minimum(ngram, counts)                                   # shingle length per document
     # window i (starting at word i) is a shingle of its document if it fits inside it
