@@ -95,7 +95,8 @@ def _add_pipeline_args(s):
     add("--dedup-bands", type=int, default=None, help="LSH bands (20)")
     add("--dedup-rows", type=int, default=None, help="MinHash values per band (6)")
     add("--dedup-ngram", type=int, default=None, help="words per shingle (5)")
-    add("--report", action="store_true", default=False, help="print the data report table")
+    add("--report", action="store_true", default=False, help="print the data report table "
+        "(OUT/report.json is always written)")
     add("--workers", type=int, default=None, help="worker processes (default 1)")
     add("--shard-tokens", type=int, default=None, help="tokens per shard (default 50,000,000)")
     add("--batch-mb", type=float, default=None, help="MB of documents per task (default 4)")

@@ -193,11 +193,13 @@ def test_training_on_shards_equals_training_on_one_file(corpus, tmp_path):
     assert runs[0] == runs[1] and len(runs[0]) == 6
 
 
-def test_a_config_naming_a_directory_prepares_it_as_shards(corpus, tmp_path):
+def test_a_config_naming_a_directory_prepares_it_as_shards(corpus, tmp_path, capsys):
     root, _ = corpus
     meta = ensure_dataset(str(root), tmp_path / "auto", "char")
     assert meta["layout"] == "shards" and read_meta(tmp_path / "auto") == meta
     assert ensure_dataset(str(root), tmp_path / "auto", "char") == meta        # reused
+    assert ensure_dataset("pydocs", tmp_path / "auto", "char") == meta         # as prepared
+    assert "holds a sharded dataset" in _error(capsys, "pydocs", "--out", tmp_path / "auto")
 
 
 # ---------------------------------------------------------------- kill -9 and resume

@@ -135,17 +135,15 @@ def prepare_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char
     ``cache_dir`` keeps the Shakespeare download (default: the parent of ``out_dir``).
     """
     out_dir = Path(out_dir)
-    request = _request(source, tokenizer, vocab_size, val_fraction)
-    if read_manifest(out_dir) is not None and not (out_dir / META_FILE).exists():
-        if force:
-            raise UserError(f"{out_dir} holds a sharded dataset ({MANIFEST_FILE}); choose another "
-                            "--out or delete it")
-        return check_sharded(out_dir, read_manifest(out_dir), tokenizer, vocab_size, val_fraction)
-    if is_corpus(source):                # a directory or JSONL: the sharded pipeline
+    if is_corpus(source):                # a directory, JSONL or gzip: the sharded pipeline
         from minillm.data.pipeline import PrepareConfig, prepare_sharded
         return prepare_sharded(PrepareConfig(sources=(str(source),), out_dir=str(out_dir),
                                              tokenizer=tokenizer, vocab_size=vocab_size,
                                              val_fraction=val_fraction), verbose=verbose)
+    request = _request(source, tokenizer, vocab_size, val_fraction)
+    if read_manifest(out_dir) is not None and not (out_dir / META_FILE).exists():
+        raise UserError(f"{out_dir} holds a sharded dataset ({MANIFEST_FILE}); choose another "
+                        "--out or delete it")
     if not force:
         meta = find_dataset(out_dir, source, tokenizer, vocab_size, val_fraction)
         if meta is not None:
@@ -181,7 +179,13 @@ def prepare_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char
 
 def ensure_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char",
                    vocab_size=None, val_fraction=0.1, cache_dir=None, verbose=False) -> dict:
-    """The dataset's meta, preparing it only when no matching complete dataset exists."""
+    """The dataset's meta, preparing it only when no matching complete dataset exists.
+
+    A prepared sharded dataset in ``out_dir`` is used as it is, whatever ``source`` says, once
+    its tokenizer matches (``check_sharded``)."""
+    manifest = read_manifest(out_dir)
+    if manifest is not None and not (Path(out_dir) / META_FILE).exists():
+        return check_sharded(out_dir, manifest, tokenizer, vocab_size, val_fraction)
     return prepare_dataset(source, out_dir, tokenizer, vocab_size, val_fraction, force=False,
                            cache_dir=cache_dir, verbose=verbose)
 

@@ -134,6 +134,12 @@ def format_report(r: dict) -> str:
     if r["rules"]:
         lines.append("filter rules (documents removed, MB):")
         lines += [f"  {k:<18} {v['docs']:>8,} {_mb(v['bytes']):>10}" for k, v in r["rules"].items()]
+    d = r["dedup"]
+    if d:
+        lines.append(f"near dedup: {d['bands']} bands x {d['rows']} rows ({d['num_perm']} hashes) "
+                     f"over word {d['ngram']}-grams, verified at Jaccard >= {d['threshold']}; "
+                     f"the LSH curve's step is near {d['lsh_threshold']}, "
+                     f"P(candidate | s = {d['threshold']}) = {d['p_candidate_at_threshold']}")
     if r["duplicate_clusters"]:
         lines.append("largest duplicate clusters (copies removed: exact + near, kept document):")
         lines += [f"  {c['copies']:>5} = {c['exact']} + {c['near']}  {c['kept']}: {c['snippet']!r}"
