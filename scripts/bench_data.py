@@ -98,7 +98,9 @@ def run_measured(cmd, env) -> dict:
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{output}")
-    return {"wall_s": round(wall, 2), "peak_rss_tree_mb": round(peak[0] / 2 ** 20, 1),
+    cpu = usage.ru_utime + usage.ru_stime          # the whole tree: reaped descendants included
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "cores_used": round(cpu / wall, 2),
+            "peak_rss_tree_mb": round(peak[0] / 2 ** 20, 1),
             "max_rss_one_process_mb": round(usage.ru_maxrss / 1024, 1), "output": output}
 
 
@@ -149,11 +151,13 @@ def setup_costs() -> dict:
 def table(res) -> str:
     lines = [f"corpus: {res['corpus_mb']:,.0f} MB generated in {res['generate_s']:.0f} s; "
              f"tokenizer {res['tokenizer']}; load average before: {res['load_before']}",
-             "", "| workers | wall s | end-to-end MB/s | peak RSS, tree (MB) | max RSS, one process "
-             "(MB) | scan s | dedup s | tokenize s | shards s |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| workers | wall s | end-to-end MB/s | CPU s (cores used) | peak RSS, tree (MB) | "
+             "max RSS, one process (MB) | scan s | dedup s | tokenize s | shards s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["prepare"]:
         p = r["phases_s"]
         lines.append(f"| {r['workers']} | {r['wall_s']:.0f} | {r['mb_per_s']:.2f} | "
+                     f"{r['cpu_s']:.0f} ({r['cores_used']}) | "
                      f"{r['peak_rss_tree_mb']:.0f} | {r['max_rss_one_process_mb']:.0f} | "
                      f"{p.get('scan', 0):.0f} | {p.get('dedup', 0):.1f} | {p.get('tokenize', 0):.0f} | "
                      f"{p.get('shards', 0):.1f} |")

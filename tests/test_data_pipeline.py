@@ -224,8 +224,8 @@ def _kill_when(cmd, path_glob, out):
 
 def test_killed_prepare_resumes_to_identical_shards(corpus, tmp_path):
     root, _ = corpus
-    ref = tmp_path / "ref"
-    subprocess.run(_prepare_cmd(root, ref), env=minillm_env(), check=True, capture_output=True)
+    ref = tmp_path / "ref"                                  # the same options, uninterrupted
+    prepare_sharded(config(root, ref, batch_mb=0.02, shard_tokens=5000), verbose=False)
     out = tmp_path / "out"
     _kill_when(_prepare_cmd(root, out), "_work/parts/000004.json", out)       # while scanning
     _kill_when(_prepare_cmd(root, out, "--workers", "2"), "_work/tok/000003.json", out)

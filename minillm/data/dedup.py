@@ -67,13 +67,20 @@ def exact_duplicates(hashes: np.ndarray) -> np.ndarray:
     return dup_of
 
 
-def candidate_pairs(keys: np.ndarray, alive: np.ndarray | None = None) -> np.ndarray:
-    """(P, 2) unique pairs (first of bucket, other) of documents sharing a band key in any band."""
-    keys = np.asarray(keys, dtype=np.uint64)
-    ids = np.flatnonzero(alive) if alive is not None else np.arange(len(keys))
+def candidate_pairs(keys, alive: np.ndarray | None = None) -> np.ndarray:
+    """(P, 2) unique pairs (first of bucket, other) of documents sharing a band key in any band.
+
+    ``keys``: an (N, bands) array, or an object with ``shape`` and ``column(band)`` that reads
+    one band at a time (the pipeline's, from disk)."""
+    if isinstance(keys, np.ndarray) or not hasattr(keys, "column"):
+        arr = np.asarray(keys, dtype=np.uint64)
+        column, n_bands, n = (lambda b: arr[:, b]), arr.shape[1], len(arr)
+    else:
+        column, (n, n_bands) = keys.column, keys.shape
+    ids = np.flatnonzero(alive) if alive is not None else np.arange(n)
     pairs = []
-    for band in range(keys.shape[1]):
-        k = keys[ids, band]
+    for band in range(n_bands):
+        k = column(band)[ids]
         order = np.argsort(k, kind="stable")
         sk, sid = k[order], ids[order]
         new_run = np.r_[True, sk[1:] != sk[:-1]]
@@ -93,8 +100,7 @@ def _find(parent: np.ndarray, i: int) -> int:
     return root
 
 
-def near_duplicates(keys: np.ndarray, signatures, threshold: float,
-                    alive: np.ndarray | None = None):
+def near_duplicates(keys, signatures, threshold: float, alive: np.ndarray | None = None):
     """``(dup_of, stats)``: ``dup_of[i]`` is the first document of i's cluster (-1 if i is one, or
     not a near duplicate). ``signatures(idx)`` returns the (len(idx), num_perm) signature rows of
     the documents ``idx`` (so they may live on disk)."""

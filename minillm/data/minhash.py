@@ -34,9 +34,10 @@ _P = np.uint64(0x100000001B3)            # the byte polynomial's base (odd, so i
 _P_INV = np.uint64(pow(0x100000001B3, -1, 2 ** 64))
 _Q = np.uint64(0x9E3779B97F4A7C15)       # the shingle polynomial's base
 _CHUNK = 4096                            # shingles per step: bounds the (k, chunk) temporary
+_GROUP_CHARS = 1 << 18                   # text hashed per group of documents
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _powers(base: int, n: int) -> np.ndarray:
     out = np.empty(n, dtype=np.uint64)
     out[0] = 1
@@ -108,9 +109,18 @@ class MinHasher:
         self.b = rng.integers(0, 2 ** 63, self.num_perm, dtype=np.uint64) << np.uint64(1)
 
     def signatures(self, texts) -> np.ndarray:
-        """(N, num_perm) uint32 MinHash signatures of N documents."""
-        x, owner = batch_shingle_hashes(texts, self.ngram)
-        return self.signatures_of_sets(x, owner, len(texts))
+        """(N, num_perm) uint32 MinHash signatures of N documents (hashed in groups of about
+        ``_GROUP_CHARS`` characters: few enough NumPy calls per document, bounded temporaries)."""
+        out, group, size = [], [], 0
+        for t in texts:
+            group.append(t)
+            size += len(t)
+            if size >= _GROUP_CHARS:
+                out.append(self.signatures_of_sets(*batch_shingle_hashes(group, self.ngram), len(group)))
+                group, size = [], 0
+        if group or not out:
+            out.append(self.signatures_of_sets(*batch_shingle_hashes(group, self.ngram), len(group)))
+        return np.concatenate(out)
 
     def signatures_of_sets(self, x: np.ndarray, owner: np.ndarray | None = None, n: int = 1):
         """Signatures of ``n`` sets given as element hashes ``x`` (32-bit values) and the set each

@@ -201,8 +201,8 @@ class _Run:
             if d.exact:
                 exact_of = exact_duplicates(np.concatenate(load(".hash.npy")))
             if d.near:
-                keys = np.concatenate([k.reshape(-1, d.bands) for k in load(".keys.npy")])
-                near_of, info = near_duplicates(keys, _SignatureStore(self.work, counts),
+                near_of, info = near_duplicates(_BandKeys(self.work, counts, d.bands),
+                                                _SignatureStore(self.work, counts),
                                                 d.threshold, alive=exact_of < 0)
         out = {"keep": (exact_of < 0) & (near_of < 0), "exact_of": exact_of, "near_of": near_of,
                "candidate_pairs": np.int64(info["candidate_pairs"]),
@@ -265,22 +265,41 @@ class _Run:
         return out
 
 
+class _BandKeys:
+    """The (N, bands) LSH keys of all spool parts, read one band (column) at a time, so dedup
+    holds 8 bytes per document, not 8 * bands."""
+
+    def __init__(self, work: Path, counts, bands: int):
+        self.paths = [stages.part_path(work, k, ".keys.npy") for k in range(len(counts))]
+        self.shape = (int(sum(counts)), bands)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def column(self, band: int) -> np.ndarray:
+        return np.concatenate([np.load(p, mmap_mode="r")[:, band] for p in self.paths]) \
+            if self.paths else np.empty(0, dtype=np.uint64)
+
+
 class _SignatureStore:
-    """Signature rows of documents by global index, read from the spool parts' memory maps."""
+    """Signature rows of documents by global index, read from the spool parts (plain reads of
+    one part at a time: memory for the rows asked for, not for the mapped files)."""
 
     def __init__(self, work: Path, counts):
         self.starts = np.concatenate(([0], np.cumsum(counts)))
-        self.maps = [np.load(stages.part_path(work, k, ".sig.npy"), mmap_mode="r")
-                     for k in range(len(counts))]
+        self.paths = [stages.part_path(work, k, ".sig.npy") for k in range(len(counts))]
 
     def __call__(self, idx):
         idx = np.asarray(idx, dtype=np.int64)
         part = np.searchsorted(self.starts, idx, side="right") - 1
-        out = np.empty((len(idx), self.maps[0].shape[1] if self.maps else 0), dtype=np.uint32)
+        out = None
         for k in np.unique(part):
+            rows = np.load(self.paths[k])
+            if out is None:
+                out = np.empty((len(idx), rows.shape[1]), dtype=np.uint32)
             pick = part == k
-            out[pick] = self.maps[k][idx[pick] - self.starts[k]]
-        return out
+            out[pick] = rows[idx[pick] - self.starts[k]]
+        return out if out is not None else np.empty((0, 0), dtype=np.uint32)
 
 
 def config_from_args(args) -> PrepareConfig:

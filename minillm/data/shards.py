@@ -57,13 +57,16 @@ def file_sha256(path, chunk: int = 1 << 18) -> str:
 
 
 class _Stream:
-    """Token files read back to back as one sequence, through memory maps opened on demand."""
+    """Token files read back to back as one sequence: through memory maps opened on demand
+    (random access, for training), or with plain reads (``mapped=False``: a sequential pass
+    whose pages should not stay in the process's resident memory)."""
 
-    def __init__(self, paths, counts, dtype):
+    def __init__(self, paths, counts, dtype, mapped: bool = True):
         self.paths = [Path(p) for p in paths]
         self.counts = np.asarray(counts, dtype=np.int64)
         self.starts = np.concatenate(([0], np.cumsum(self.counts)))      # starts[k] .. starts[k+1]
         self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.mapped = mapped
         self._maps: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
@@ -86,8 +89,10 @@ class _Stream:
         out = np.empty(max(0, stop - start), dtype=self.dtype)
         k, pos = int(np.searchsorted(self.starts, start, side="right") - 1), start
         while pos < stop:
-            take = min(stop, int(self.starts[k + 1])) - pos
-            out[pos - start:pos - start + take] = self._map(k)[pos - int(self.starts[k]):][:take]
+            take, lo = min(stop, int(self.starts[k + 1])) - pos, pos - int(self.starts[k])
+            if take > 0:
+                out[pos - start:pos - start + take] = self._map(k)[lo:lo + take] if self.mapped \
+                    else np.fromfile(self.paths[k], self.dtype, take, offset=lo * self.dtype.itemsize)
             pos += take
             k += 1
         return out
@@ -147,10 +152,10 @@ def write_shards(parts, counts, out_dir, split: str, shard_tokens: int, dtype) -
     read back); anything else is written afresh.
     """
     out_dir = Path(out_dir)
-    stream = _Stream(parts, counts, dtype)
+    stream = _Stream(parts, counts, dtype, mapped=False)
     total, entries = len(stream), []
     itemsize = stream.dtype.itemsize
-    for i, start in enumerate(range(0, max(total, 1), shard_tokens)):
+    for i, start in enumerate(range(0, total, shard_tokens)):
         stop = min(total, start + shard_tokens)
         path = out_dir / shard_name(split, i)
         if path.is_file() and path.stat().st_size == (stop - start) * itemsize:
