@@ -60,36 +60,43 @@ def generate_corpus(folder: Path, gb: float, file_mb: int = 100) -> int:
         return sum(pool.map(_write_file, jobs))
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (Linux /proc)."""
-    parent, rss = {}, {}
-    page = os.sysconf("SC_PAGE_SIZE")
+def _tree(root: int) -> dict:
+    """{pid: (resident bytes, CPU seconds so far)} of ``root`` and its descendants (Linux /proc;
+    pool workers are grandchildren, never reaped by us, so their CPU must be read here)."""
+    parent, stat = {}, {}
+    page, tick = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-                parent[int(d)], rss[int(d)] = int(fields[1]), int(fields[21]) * page
+                f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(d)] = int(f[1])
+                stat[int(d)] = (int(f[21]) * page, (int(f[11]) + int(f[12])) / tick)
             except (OSError, IndexError, ValueError):
                 continue
-    total, stack = 0, [root]
+    out, stack = {}, [root]
     while stack:
         p = stack.pop()
-        total += rss.get(p, 0)
+        if p in stat:
+            out[p] = stat[p]
         stack.extend(c for c, pp in parent.items() if pp == p)
-    return total
+    return out
 
 
 def run_measured(cmd, env) -> dict:
-    """Run ``cmd``; wall seconds, peak summed RSS of its tree, max RSS of one process."""
+    """Run ``cmd``: wall seconds, CPU seconds of its whole process tree, the peak of the tree's
+    summed resident memory and the largest resident set of one process (sampled every 0.2 s)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    peak = [0]
+    peak, one, cpu = [0], [0], {}
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            tree = _tree(proc.pid)
+            peak[0] = max(peak[0], sum(r for r, _ in tree.values()))
+            one[0] = max([one[0]] + [r for r, _ in tree.values()])
+            cpu.update({p: c for p, (_, c) in tree.items() if p != proc.pid})
             done.wait(0.2)
     threading.Thread(target=sample, daemon=True).start()
     output = proc.stdout.read()
@@ -98,10 +105,12 @@ def run_measured(cmd, env) -> dict:
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{output}")
-    cpu = usage.ru_utime + usage.ru_stime          # the whole tree: reaped descendants included
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "cores_used": round(cpu / wall, 2),
+    # its own CPU and its reaped children's (wait4), plus what the samples saw of the others
+    total = usage.ru_utime + usage.ru_stime + sum(cpu.values())
+    return {"wall_s": round(wall, 2), "cpu_s": round(total, 1), "cores_used": round(total / wall, 2),
             "peak_rss_tree_mb": round(peak[0] / 2 ** 20, 1),
-            "max_rss_one_process_mb": round(usage.ru_maxrss / 1024, 1), "output": output}
+            "max_rss_one_process_mb": round(max(one[0], usage.ru_maxrss * 1024) / 2 ** 20, 1),
+            "output": output}
 
 
 def bench_prepare(corpus: Path, out: Path, workers: int, tokenizer: str, env, nbytes) -> dict:
@@ -183,6 +192,8 @@ def main():
     ap.add_argument("--bpe-mb", type=float, default=100.0)
     ap.add_argument("--bpe-merges", type=int, default=10_000)
     ap.add_argument("--skip-prepare", action="store_true")
+    ap.add_argument("--skip-bpe", action="store_true")
+    ap.add_argument("--corpus", default=None, help="reuse this folder of .txt files (kept)")
     ap.add_argument("--json", default="bench_data.json")
     ap.add_argument("--bpe-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -197,15 +208,20 @@ def main():
     res = {"machine": f"{platform.node()} {os.cpu_count()} cpus, {platform.platform()}",
            "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg(), "tokenizer": tokenizer}
     try:
-        corpus = tmp / "corpus"
-        corpus.mkdir()
-        t0 = time.perf_counter()
-        nbytes = generate_corpus(corpus, args.gb)
-        res.update(generate_s=round(time.perf_counter() - t0, 1), corpus_mb=nbytes / 1e6)
-        print(f"generated {nbytes / 1e6:,.0f} MB in {res['generate_s']} s", flush=True)
+        if args.corpus:
+            corpus = Path(args.corpus)
+            nbytes = sum(p.stat().st_size for p in corpus.iterdir())
+            res.update(generate_s=0.0, corpus_mb=nbytes / 1e6)
+        else:
+            corpus = tmp / "corpus"
+            corpus.mkdir()
+            t0 = time.perf_counter()
+            nbytes = generate_corpus(corpus, args.gb)
+            res.update(generate_s=round(time.perf_counter() - t0, 1), corpus_mb=nbytes / 1e6)
+            print(f"generated {nbytes / 1e6:,.0f} MB in {res['generate_s']} s", flush=True)
         res["setup"] = setup_costs()
         res["bpe"] = []
-        for name, path, mb, merges, workers in (
+        for name, path, mb, merges, workers in () if args.skip_bpe else (
                 ("lesson case (pydocs)", "pydocs", 0, 2000, 1),
                 (f"{args.bpe_mb:.0f} MB of the corpus", sorted(corpus.iterdir())[0], args.bpe_mb,
                  args.bpe_merges, 2)):
