@@ -1,11 +1,17 @@
-"""The array module ``xp``: NumPy on the CPU, CuPy on the GPU. The only file that imports cupy.
+"""The array module ``xp``: NumPy on the CPU, CuPy on the GPU, and which GPU a process uses.
 
 Every op writes ``xp.something(...)`` and so runs on either device. ``xp`` is a namespace
 object whose attributes are copied from the active module, so switching device with
 ``set_device`` is seen everywhere and an attribute lookup costs no more than a module's.
-The device comes from ``MINILLM_DEVICE`` (``cpu`` or ``gpu``) at import, or ``set_device``.
+
+Which device: one rule, ``resolve_device`` (the command line, then the config's
+``train.device``, then ``MINILLM_DEVICE``, then ``cpu``), applied once by whoever starts a run;
+at import ``xp`` follows ``MINILLM_DEVICE``. Under mpirun each process takes the GPU
+``local rank mod GPUs on the node`` (``use_gpu_for_rank``).
+
+With ``kernels/`` this is the only code that imports cupy. Special functions NumPy lacks are in
+``autograd/special.py``, host-memory tuning in ``perf/allocator.py``.
 """
-import math
 import os
 import types
 
@@ -19,18 +25,37 @@ _state = {"device": "cpu", "module": numpy}
 
 def _load_cupy():
     try:
-        import cupy  # noqa: F401  (the one place cupy is imported)
+        import cupy  # noqa: F401  (the one place outside kernels/ that cupy is imported)
     except ImportError as e:
-        raise UserError("device 'gpu' needs CuPy: pip install 'minillm[gpu]' (cupy-cuda12x), "
-                        f"or use --train.device=cpu ({e})") from None
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, no device
-        raise UserError(f"device 'gpu' but no usable CUDA GPU was found ({e}); "
-                        "use --train.device=cpu") from None
+        raise UserError("device 'gpu' needs CuPy: pip install 'minillm[gpu]' (cupy-cuda12x; "
+                        f"cupy-cuda13x for CUDA 13), or use --train.device=cpu ({e})") from None
+    n = gpu_count(cupy)
     if n == 0:
-        raise UserError("device 'gpu' but no CUDA GPU was found; use --train.device=cpu")
+        raise UserError("device 'gpu' but no CUDA GPU was found (CuPy sees none); "
+                        "use --train.device=cpu")
     return cupy
+
+
+def gpu_count(cupy=None) -> int:
+    """GPUs CuPy sees on this node (0 without a driver or device)."""
+    cupy = cupy or _state["module"]
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # CUDARuntimeError: no driver, no device
+        return 0
+
+
+_SOURCES = ("command line", "config", "MINILLM_DEVICE")
+
+
+def resolve_device(command_line=None, config="auto"):
+    """(device, where it came from): the command line's choice, else the config's
+    ``train.device`` unless it is ``auto``, else ``MINILLM_DEVICE``, else ``cpu``."""
+    env = os.environ.get("MINILLM_DEVICE", "").strip().lower()
+    for value, source in zip((command_line, None if config == "auto" else config, env), _SOURCES):
+        if value:
+            return value, source
+    return "cpu", "default"
 
 
 def set_device(device: str):
@@ -41,11 +66,37 @@ def set_device(device: str):
     xp.__dict__.clear()
     xp.__dict__.update({k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
     _state.update(device=device, module=module)
+    _deferred.clear()
     return module
 
 
 def device() -> str:
     return _state["device"]
+
+
+def device_key():
+    """What a cache of device arrays is keyed by: ``("cpu",)`` or ``("gpu", gpu index)``."""
+    if _state["device"] == "cpu":
+        return ("cpu",)
+    return ("gpu", _state["module"].cuda.runtime.getDevice())
+
+
+def use_gpu_for_rank(local_rank: int, local_size: int) -> str:
+    """Make this process use GPU ``local_rank mod (GPUs on the node)``; returns one line saying
+    which (with a warning when more processes than GPUs share the node's devices)."""
+    n = gpu_count()
+    gpu = local_rank % n
+    _state["module"].cuda.Device(gpu).use()
+    line = f"GPU {gpu} of {n} (local rank {local_rank} of {local_size} on this node)"
+    if local_size > n:
+        line += (f"; warning: {local_size} processes share {n} GPU(s), each GPU runs "
+                 f"{-(-local_size // n)} of them (fine for tests, slow for training)")
+    return line
+
+
+def cupy_version() -> str:
+    """The CuPy version string ('' on the CPU)."""
+    return getattr(_state["module"], "__version__", "") if is_gpu() else ""
 
 
 def is_gpu() -> bool:
@@ -55,6 +106,39 @@ def is_gpu() -> bool:
 def array_module():
     """The real module behind ``xp`` (numpy or cupy)."""
     return _state["module"]
+
+
+# ------------------------------------------------------------------ reading device values
+# On the GPU every read of a device value by the host waits for all queued work (a "sync").
+# The training step reads nothing; the values it reports (loss, grad norm) and the checks that
+# would need the host (ids in range) are read together, once per logged step, by ``fetch``.
+_deferred = {}  # (error class, message) -> 0-d boolean device array, True when the check failed
+
+
+def check(failed, message: str, error=ValueError) -> None:
+    """Raise ``error(message)`` when the 0-d boolean array ``failed`` is True: at once on the
+    CPU; on the GPU at the next ``fetch`` (reading it now would stall the GPU every call)."""
+    if not is_gpu():
+        if bool(failed):
+            raise error(message)
+        return
+    prev = _deferred.get((error, message))
+    _deferred[(error, message)] = failed if prev is None else prev | failed
+
+
+def fetch(*values) -> list:
+    """Python floats of ``values`` (0-d arrays or numbers) with one device-to-host copy; any
+    failed ``check`` is raised here."""
+    items = list(_deferred.items())
+    _deferred.clear()
+    arrays = [v for v in values if is_array(v)] + [flag for _, flag in items]
+    host = iter(to_numpy(xp.stack([a.reshape(()).astype(xp.float64) for a in arrays]))
+                if arrays else ())
+    out = [float(next(host)) if is_array(v) else float(v) for v in values]
+    for (error, message), _ in items:
+        if next(host):
+            raise error(message)
+    return out
 
 
 def to_numpy(a):
@@ -92,54 +176,7 @@ def synchronize():
         _state["module"].cuda.get_current_stream().synchronize()
 
 
-def erf(x):
-    """Error function, elementwise, accurate to float64 rounding (NumPy has none built in).
-
-    |x| < 3: erf(x) = 2/sqrt(pi) exp(-x^2) sum_n 2^n x^(2n+1) / (1*3*...*(2n+1))  (all terms
-    positive, so no cancellation); |x| >= 3: erfc from its continued fraction.
-    """
-    if is_gpu():
-        import cupyx.scipy.special  # part of CuPy
-        return cupyx.scipy.special.erf(x)
-    x = xp.asarray(x)
-    ax = xp.abs(x).astype(xp.float64)
-    small = xp.minimum(ax, 3.0)
-    x2 = small * small
-    term = small.copy()
-    total = small.copy()
-    for n in range(1, 80):
-        term *= 2.0 * x2 / (2 * n + 1)
-        total += term
-    res_small = (2.0 / math.sqrt(math.pi)) * xp.exp(-x2) * total
-    big = xp.maximum(ax, 3.0)
-    frac = xp.zeros_like(big)
-    for k in range(60, 0, -1):  # erfc(x) = exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x + ...))))
-        frac = (k / 2.0) / (big + frac)
-    res_big = 1.0 - xp.exp(-big * big) / math.sqrt(math.pi) / (big + frac)
-    res = xp.where(ax < 3.0, res_small, res_big)
-    return (xp.sign(x) * res).astype(x.dtype if x.dtype.kind == "f" else xp.float64)
-
-
-def tune_host_allocator():
-    """Keep freed memory for reuse instead of handing it back to the OS after every array.
-
-    A training step makes hundreds of temporaries of a few MB. glibc serves each allocation above
-    its mmap threshold with a fresh mmap and unmaps it on free, so every temporary pays page
-    faults on first touch: measured here, that made a GELU backward 8x slower and the whole
-    shakespeare CPU step ~1.6x slower. Raising the mmap and trim thresholds (mallopt) lets freed
-    blocks be reused. glibc only; elsewhere, or with MINILLM_MALLOC_TUNING=0, nothing changes.
-    Returns True when the settings were applied."""
-    if os.environ.get("MINILLM_MALLOC_TUNING", "1") == "0":
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 64 << 20) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        return bool(ok and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_TOP_PAD, 64 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
-tune_host_allocator()
-set_device(os.environ.get("MINILLM_DEVICE", "cpu").strip().lower() or "cpu")
+try:  # importing never fails: a run that needs the GPU resolves its device and says what is wrong
+    set_device(os.environ.get("MINILLM_DEVICE", "cpu").strip().lower() or "cpu")
+except UserError:
+    set_device("cpu")

@@ -1,4 +1,5 @@
-"""The `minillm` command: prepare | train | sample | eval | plot | inspect | bench.
+"""The `minillm` command: prepare | train | sample | eval | plot | inspect | quantize | serve |
+bench | memory.
 
 Exit codes: 0 done, 2 a user error (one line on stderr, no traceback), 1 a bug. Under mpirun
 every rank runs this same entry point; an error on any rank ends the whole job.
@@ -16,6 +17,9 @@ _EPILOG = """examples:
   minillm eval runs/pydocs_char
   minillm plot runs/pydocs_char
   minillm inspect runs/pydocs_char/ckpt_0001000.h5
+  minillm quantize runs/pydocs_char --bits 4 --group-size 32
+  minillm serve runs/pydocs_char --port 8000      # then open http://127.0.0.1:8000/
+  minillm memory configs/gpt10m.toml --parallel.dp=2 --parallel.zero=3 --train.recompute=full
 """
 
 
@@ -50,7 +54,8 @@ def build_parser():
                        ("eval", "validation loss and perplexity of a trained model")):
         s = sub.add_parser(name, help=text)
         s.add_argument("path", help="a run directory or a checkpoint .h5 file")
-        s.add_argument("--device", default=None, help="cpu | gpu (default: cpu)")
+        s.add_argument("--device", default=None, choices=("cpu", "gpu"),
+                       help="cpu | gpu (default: the run's train.device, else MINILLM_DEVICE, else cpu)")
         if name == "sample":
             s.add_argument("--prompt", default="")
             s.add_argument("--max-new-tokens", type=int, default=200)
@@ -70,12 +75,37 @@ def build_parser():
     s = sub.add_parser("inspect", help="describe a checkpoint: step, config, every tensor")
     s.add_argument("checkpoint")
 
+    s = sub.add_parser("quantize", help="weight-only int8 / int4 copy of a checkpoint (HDF5)")
+    s.add_argument("path", help="a run directory or a checkpoint .h5 file")
+    s.add_argument("--bits", type=int, default=8, help="8 (per-channel int8) or 4 (int4 in groups)")
+    s.add_argument("--group-size", type=int, default=None, help="inputs per int4 scale (default 32)")
+    s.add_argument("--out", default=None, help="output file (default CKPT.int8.h5 / CKPT.int4-gG.h5)")
+    s.add_argument("--eval", action="store_true", help="also print val loss before and after")
+
+    s = sub.add_parser("serve", help="HTTP server: completions, streaming (SSE), a chat page at /")
+    s.add_argument("path", help="a run directory, a checkpoint or a quantized .h5 file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default=None, help="cpu | gpu (default: cpu)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the batch (more: 429)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="default: block_size")
+    s.add_argument("--max-new-tokens", type=int, default=512, help="the most a request may ask for")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+
     s = sub.add_parser("bench", help="time forward / backward / optimizer of a config")
     s.add_argument("config", nargs="?", default=None)
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--torch", action="store_true", help="also time the same model in PyTorch")
     s.add_argument("--threads", type=int, default=None, help="BLAS / PyTorch threads (default: as set)")
     s.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+
+    s = sub.add_parser("memory", help="predict each rank's memory (the ledger); --measure checks it")
+    s.add_argument("config", nargs="?", default=None)
+    s.add_argument("--measure", action="store_true", help="also run a few steps and measure the peak")
+    s.add_argument("--memory-limit", default=None, help="refuse layouts predicted above this, e.g. 16GiB")
+    s.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up)")
+    s.add_argument("--json", action="store_true", help="print the ledger as JSON")
     return p
 
 
@@ -84,13 +114,14 @@ _PIPELINE_DEFAULTS = {}  # dest -> default of each pipeline option (filled by _a
 
 def _add_pipeline_args(s):
     """The options of the sharded data pipeline (see minillm/data/pipeline.py)."""
+    from minillm.choices import BAD_UTF8, DEDUP_MODES, DOC_SEPS
     g = s.add_argument_group("pipeline (any of these selects the sharded layout)")
     add = lambda *a, **k: _PIPELINE_DEFAULTS.setdefault(g.add_argument(*a, **k).dest, k.get("default"))  # noqa: E731
     add("--clean", action="store_true", default=False, help="Unicode NFC and white-space cleaning")
     add("--filter", action="store_true", default=False, help="Gopher/C4-style quality rules")
     add("--filter-rules", default=None, help="comma-separated subset of the rules (implies --filter)")
     add("--dedup", action="store_true", default=False, help="exact and MinHash near-duplicate removal")
-    add("--dedup-mode", default=None, help="both | exact | near (implies --dedup; default both)")
+    add("--dedup-mode", default=None, choices=DEDUP_MODES, help="implies --dedup (default both)")
     add("--dedup-threshold", type=float, default=None, help="estimated Jaccard of a near duplicate (0.8)")
     add("--dedup-bands", type=int, default=None, help="LSH bands (20)")
     add("--dedup-rows", type=int, default=None, help="MinHash values per band (6)")
@@ -100,9 +131,11 @@ def _add_pipeline_args(s):
     add("--workers", type=int, default=None, help="worker processes (default 1)")
     add("--shard-tokens", type=int, default=None, help="tokens per shard (default 50,000,000)")
     add("--batch-mb", type=float, default=None, help="MB of documents per task (default 4)")
-    add("--doc-sep", default=None, help="eot (<|endoftext|>, default) | blank (blank lines)")
+    add("--doc-sep", default=None, choices=DOC_SEPS, help="eot (<|endoftext|>, default) | blank "
+        "(blank lines)")
     add("--text-field", default=None, help="JSONL field holding the text (default text)")
-    add("--bad-utf8", default=None, help="error (default) | skip documents with undecodable bytes")
+    add("--bad-utf8", default=None, choices=BAD_UTF8, help="error (default) | skip documents with "
+        "undecodable bytes")
     add("--max-doc-chars", type=int, default=None, help="cut longer documents (default 1,000,000)")
     add("--tokenizer-from", default=None, help="reuse a tokenizer.json (or a dataset dir's)")
     add("--tokenizer-sample-mb", type=float, default=None, help="MB of text BPE is trained on (64)")
@@ -116,15 +149,17 @@ def _pipeline_asked(args) -> bool:
 
 def _train(args, overrides, state):
     from minillm.config import load_config
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     comm = get_world_comm()
     state["comm"] = comm
     cfg = load_config(args.config, overrides)  # the same on every rank: errors are reported once
     from minillm.config import check_layout
     from minillm.distributed.comm import require_mpi
-    world = cfg.parallel.dp * cfg.parallel.pp
+    par = cfg.parallel
+    world = par.dp * par.tp * par.pp
     if world > 1:
-        require_mpi(f"parallel.dp={cfg.parallel.dp} x parallel.pp={cfg.parallel.pp}", world)
+        require_mpi(f"parallel.dp={par.dp} x parallel.tp={par.tp} x parallel.pp={par.pp}", world)
     check_layout(cfg, comm.size)
     if comm.size > 1:
         install_abort_handler(comm)
@@ -205,13 +240,37 @@ def _inspect(args):
     return 0
 
 
+def _quantize(args):
+    from minillm.infer.commands import quantize_command
+    quantize_command(args.path, args.bits, args.group_size, args.out, args.eval)
+    return 0
+
+
+def _serve(args):
+    from minillm.infer.server import serve_command
+    return serve_command(args)
+
+
 def _bench(args, overrides):
-    from minillm.bench import run_bench
+    from minillm.perf.bench import run_bench
     if args.steps < 1:
         raise UserError(f"--steps={args.steps} must be >= 1")
     run_bench(args.config, overrides, steps=args.steps, with_torch=args.torch, threads=args.threads,
               as_json=args.json)
     return 0
+
+
+def _memory(args, overrides, state):
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
+    from minillm.perf.memory_cmd import memory_command
+    comm = state["comm"] = get_world_comm()  # under mpirun rank 0 prints; --measure measures every rank
+    if comm.size > 1:
+        install_abort_handler(comm)
+    if args.steps < 1:
+        raise UserError(f"--steps={args.steps} must be >= 1")
+    return memory_command(args.config, overrides, measure=args.measure, limit=args.memory_limit,
+                          steps=args.steps, as_json=args.json, comm=comm)
 
 
 def main(argv=None):
@@ -223,18 +282,20 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return 2
-        if extra and args.command not in ("train", "bench"):
+        if extra and args.command not in ("train", "bench", "memory"):
             raise UserError(f"minillm {args.command}: unrecognized arguments: {' '.join(extra)}")
         if args.command == "train":
             return _train(args, extra, state)
         if args.command == "bench":
             return _bench(args, extra)
+        if args.command == "memory":
+            return _memory(args, extra, state)
         return {"prepare": _prepare, "sample": _sample, "eval": _eval, "plot": _plot,
-                "inspect": _inspect}[args.command](args)
+                "inspect": _inspect, "quantize": _quantize, "serve": _serve}[args.command](args)
     except UserError as e:
         comm = state["comm"]
         if comm is not None and comm.size > 1 and state["phase"] == "run":
-            from minillm.distributed.comm import exit_with_error
+            from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)  # other ranks may be waiting on this one: end them all
         if comm is None or comm.rank == 0:  # config errors are the same on every rank: say it once
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
@@ -245,7 +306,7 @@ def main(argv=None):
     except Exception as e:
         comm = state["comm"]
         if comm is not None and comm.size > 1:
-            from minillm.distributed.comm import exit_with_error
+            from minillm.distributed.launch import exit_with_error
             exit_with_error(comm, e)
         raise
 

@@ -8,11 +8,8 @@ with one line that says what to change. ``load_config`` reads a TOML preset and 
 """
 import dataclasses
 import difflib
-import functools
-import math
 import os
 import sys
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,147 +19,49 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from minillm.choices import (NAMED_SOURCES, AllReduce, DeviceSetting, DType, LRSchedule, Optimizer,
+                             PipelineSchedule, Recompute, Tokenizer, ZeroStage)
+from minillm.config_section import (AT_LEAST_0, AT_LEAST_1, BELOW_1, OPEN_UNIT, POSITIVE, UNIT,
+                                    Section, field_types, parse_override, parse_size, require, show,
+                                    typed)
+from minillm.distributed.topology import layout_problem
 from minillm.errors import ConfigError
-from minillm.model.gpt import GPTConfig
-
-TOKENIZERS = ("char", "bpe", "gpt2")
-NAMED_SOURCES = ("pydocs", "shakespeare")    # any other data.source is a path to a text file
-OPTIMIZERS = ("adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "wsd", "inv_sqrt")
-DTYPES = ("float32", "float16", "bfloat16")
-DEVICES = ("cpu", "gpu")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe")
-ALLREDUCES = ("mpi", "ring")
-ZERO_STAGES = (0, 1)
-
-
-def _show(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else repr(v)
-
-
-def _require(ok: bool, message: str) -> None:
-    # Written as "fail unless ok" so that NaN, which fails every comparison, is rejected too.
-    if not ok:
-        raise ConfigError(message)
-
-
-# Range rules shared by the sections: (test, how the message states it).
-_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
-_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
-_POSITIVE = (lambda v: v > 0, "> 0")
-_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
-_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-_OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
-
-
-# ---------------------------------------------------------------- value types
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-@functools.lru_cache(maxsize=None)
-def _field_types(cls) -> dict:
-    """Field name -> type for a section class (get_type_hints resolves string annotations too)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _typed(key: str, value, typ):
-    """Check a value from TOML or a dict against its field type; int -> float is the one widening."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()          # numpy scalars (e.g. read back from HDF5) -> Python scalars
-    ok = {bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, str)}.get(typ)
-    if ok is None:
-        return value                  # a type this module does not know: the section checks it
-    _require(ok, f"{key}={value!r} must be {_TYPE_NAMES[typ]}")
-    if typ is float:
-        value = float(value)
-        _require(math.isfinite(value), f"{key}={value} must be a finite number")
-    return value
-
-
-def _parse(key: str, text: str, typ):
-    """Turn the text of a command-line override into the field's type."""
-    try:
-        if typ is bool:
-            low = text.strip().lower()
-            if low in _TRUE or low in _FALSE:
-                return low in _TRUE
-            raise ValueError
-        if typ is int:
-            return int(text)
-        if typ is float:
-            value = float(text)
-    except ValueError:
-        raise ConfigError(f"{key}={text!r} must be {_TYPE_NAMES[typ]}") from None
-    if typ is float:
-        return _typed(key, value, float)    # outside the try: ConfigError is itself a ValueError
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1]             # --train.out_dir='"runs/x"' when a shell kept the quotes
-    return text
-
-
-class _Section:
-    """Shared by the sections defined here: check field types, ranges and choices, then cross-field rules.
-
-    Subclasses declare ``_rules`` (a range rule followed by the keys it covers) and ``_choices``
-    (key -> allowed values) instead of writing a check per field.
-    """
-    _name, _rules, _choices = "", (), {}
-
-    def __post_init__(self):
-        for name, typ in _field_types(type(self)).items():
-            setattr(self, name, _typed(f"{self._name}.{name}", getattr(self, name), typ))
-        for (test, text), *keys in self._rules:
-            for key in keys:
-                value = getattr(self, key)
-                _require(test(value), f"{self._name}.{key}={_show(value)} must be {text}")
-        for key, options in self._choices.items():
-            value = getattr(self, key)
-            _require(value in options, f"{self._name}.{key}={value!r} is not one of {', '.join(map(repr, options))}")
-        self._validate()
-
-    def _validate(self):
-        """Rules that involve several fields."""
+from minillm.model.config import GPTConfig
 
 
 # ---------------------------------------------------------------- sections
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     source: str = "pydocs"        # "pydocs" | "shakespeare" | path to a UTF-8 text file
-    tokenizer: str = "char"       # "char" | "bpe" | "gpt2"
+    tokenizer: Tokenizer = "char"
     vocab_size: int = 0           # bpe only; 0 = the tokenizer's default
     dir: str = ""                 # "" = data/<source>_<tokenizer>[_<vocab>] (see data_dir)
     val_fraction: float = 0.1
-    _name, _choices = "data", {"tokenizer": TOKENIZERS}
-    _rules = ((_AT_LEAST_0, "vocab_size"), (_OPEN_UNIT, "val_fraction"))
+    _name = "data"
+    _rules = ((AT_LEAST_0, "vocab_size"), (OPEN_UNIT, "val_fraction"))
 
     def _validate(self):
-        _require(self.source.strip() != "", "data.source is empty; use 'pydocs', 'shakespeare' or a text file path")
-        _require(self.vocab_size == 0 or self.tokenizer == "bpe",
-                 f"data.vocab_size={self.vocab_size} only applies to data.tokenizer='bpe' "
-                 f"({self.tokenizer!r} fixes its own vocabulary); set it to 0")
-        _require(self.vocab_size == 0 or self.vocab_size >= 256,
-                 f"data.vocab_size={self.vocab_size} must be >= 256 (the byte alphabet of byte-level BPE), "
-                 "or 0 for the default")
+        require(self.source.strip() != "", "data.source is empty; use 'pydocs', 'shakespeare' or a text file path")
+        require(self.vocab_size == 0 or self.tokenizer == "bpe",
+                f"data.vocab_size={self.vocab_size} only applies to data.tokenizer='bpe' "
+                f"({self.tokenizer!r} fixes its own vocabulary); set it to 0")
+        require(self.vocab_size == 0 or self.vocab_size >= 256,
+                f"data.vocab_size={self.vocab_size} must be >= 256 (the byte alphabet of byte-level BPE), "
+                "or 0 for the default")
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     batch_size: int = 12          # global sequences per optimizer step, over all ranks and micro-steps
     grad_accum: int = 1
     max_steps: int = 2000
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    schedule: str = "cosine"      # "constant" | "cosine" | "wsd" | "inv_sqrt"
+    schedule: LRSchedule = "cosine"
     decay_frac: float = 0.2       # wsd: the last fraction of steps that decays
-    optimizer: str = "adamw"      # "adamw" | "sgd"
+    optimizer: Optimizer = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -175,52 +74,75 @@ class TrainConfig(_Section):
     ckpt_interval: int = 0        # 0 = only at the end
     keep_last: int = 3            # 0 = keep every checkpoint
     seed: int = 1337
-    dtype: str = "float32"        # "float32" | "float16" | "bfloat16"
-    device: str = "cpu"           # "cpu" | "gpu"
+    dtype: DType = "float32"
+    device: DeviceSetting = "auto"  # "auto": MINILLM_DEVICE, else cpu (backend.resolve_device)
     out_dir: str = "runs/default"
     sample_tokens: int = 300
     sample_prompt: str = ""
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
     progress: bool = True
+    recompute: Recompute = "none"  # activation recomputation: "full" blocks, or the "selective" attention core
+    memory_limit: str = ""        # e.g. "16GiB": refuse to start when the memory ledger predicts more per rank
     _name = "train"
-    _rules = ((_AT_LEAST_1, "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
+    _rules = ((AT_LEAST_1, "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
                "loss_scale_growth_interval"),
-              (_AT_LEAST_0, "warmup_steps", "ckpt_interval", "keep_last", "seed", "sample_tokens", "min_lr",
+              (AT_LEAST_0, "warmup_steps", "ckpt_interval", "keep_last", "seed", "sample_tokens", "min_lr",
                "weight_decay", "grad_clip"),
-              (_POSITIVE, "lr", "eps", "loss_scale_init"),
-              (_BELOW_1, "beta1", "beta2", "momentum"),
-              (_UNIT, "decay_frac"))
-    _choices = {"schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "dtype": DTYPES, "device": DEVICES}
+              (POSITIVE, "lr", "eps", "loss_scale_init"),
+              (BELOW_1, "beta1", "beta2", "momentum"),
+              (UNIT, "decay_frac"))
 
     def _validate(self):
-        _require(self.min_lr <= self.lr, f"train.min_lr={_show(self.min_lr)} is above train.lr={_show(self.lr)}; "
-                                         "make min_lr <= lr")
-        _require(self.batch_size % self.grad_accum == 0,
-                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
-        _require(self.out_dir.strip() != "", "train.out_dir is empty; give the run directory, e.g. runs/my_run")
+        require(self.min_lr <= self.lr, f"train.min_lr={show(self.min_lr)} is above train.lr={show(self.lr)}; "
+                                        "make min_lr <= lr")
+        require(self.batch_size % self.grad_accum == 0,
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
+        require(self.out_dir.strip() != "", "train.out_dir is empty; give the run directory, e.g. runs/my_run")
+        if self.memory_limit:
+            parse_size("train.memory_limit", self.memory_limit)
 
 
 @dataclass
-class ParallelConfig(_Section):
+class ParallelConfig(Section):
     dp: int = 1                   # data-parallel replicas
     pp: int = 1                   # pipeline stages
     microbatches: int = 1         # pipeline micro-batches per step
-    schedule: str = "1f1b"        # "1f1b" | "gpipe"
+    schedule: PipelineSchedule = "1f1b"
     bucket_mb: float = 25.0       # gradient all-reduce bucket size
-    allreduce: str = "mpi"        # "mpi" | "ring" (our hand-written ring)
-    partition: str = ""           # blocks per stage, e.g. "3,2,2,1"; "" = as even as possible
-    zero: int = 0                 # ZeRO stage: 0 = plain data parallel, 1 = AdamW state sharded over dp ranks
-    _name, _rules = "parallel", ((_AT_LEAST_1, "dp", "pp", "microbatches"), (_POSITIVE, "bucket_mb"))
-    _choices = {"schedule": PIPELINE_SCHEDULES, "allreduce": ALLREDUCES, "zero": ZERO_STAGES}
+    allreduce: AllReduce = "mpi"   # "ring": our hand-written ring
+    partition: str = ""           # blocks per stage (per chunk), e.g. "3,2,2,1"; "" = as even as possible
+    zero: ZeroStage = 0           # 0 = plain dp; 1 AdamW state, 2 + gradients, 3 + parameters sharded over dp ranks
+    virtual_stages: int = 1       # chunks of layers per pipeline rank (> 1: interleaved 1F1B)
+    tp: int = 1                   # tensor-parallel ranks: every layer split across them (Megatron)
+    sp: bool = False              # sequence parallelism: norms, dropout, residuals split along T over tp
+    _name = "parallel"
+    _rules = ((AT_LEAST_1, "dp", "pp", "microbatches", "virtual_stages", "tp"), (POSITIVE, "bucket_mb"))
 
     def _validate(self):
-        _require(self.zero == 0 or self.pp == 1, f"parallel.zero={self.zero} shards the optimizer over "
-                 f"data-parallel ranks only, not with parallel.pp={self.pp}; set parallel.pp=1 or parallel.zero=0")
+        require(not self.sp or self.tp > 1, "parallel.sp=true splits the sequence between tensor-parallel "
+                "ranks; it needs parallel.tp >= 2 (or set parallel.sp=false)")
+        require(self.zero == 0 or self.pp == 1, f"parallel.zero={self.zero} shards the optimizer over "
+                f"data-parallel ranks only, not with parallel.pp={self.pp}; set parallel.pp=1 or parallel.zero=0")
+        require(self.zero <= 1 or self.tp == 1, f"parallel.zero={self.zero} shards gradients and weights over "
+                f"data-parallel ranks only, not with parallel.tp={self.tp}; set parallel.zero=1 or parallel.tp=1")
+        v, pp, m = self.virtual_stages, self.pp, self.microbatches
         blocks = self.partition_blocks
-        _require(not blocks or len(blocks) == self.pp,
-                 f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={self.pp}; "
-                 "give one block count per stage")
+        require(not blocks or len(blocks) == pp * v,
+                f"parallel.partition={self.partition!r} lists {len(blocks)} stages but parallel.pp={pp}"
+                + (f" x parallel.virtual_stages={v} = {pp * v}" if v > 1 else "")
+                + "; give one block count per stage")
+        if v > 1:
+            require(pp > 1, f"parallel.virtual_stages={v} interleaves a pipeline; set parallel.pp >= 2 "
+                    "or parallel.virtual_stages=1")
+            require(v <= 16, f"parallel.virtual_stages={v} is more than 16 chunks per rank; lower it")
+            require(self.schedule == "1f1b", f"parallel.virtual_stages={v} interleaves 1F1B; set "
+                    f"parallel.schedule='1f1b' (not {self.schedule!r}) or parallel.virtual_stages=1")
+            require(m % pp == 0, f"interleaved 1F1B needs parallel.microbatches={m} to be a multiple of "
+                    f"parallel.pp={pp}; use {((m + pp - 1) // pp) * pp}")
+        if self.schedule == "zb-h1" and pp > 1:
+            require(m >= pp, f"parallel.schedule='zb-h1' needs parallel.microbatches={m} >= parallel.pp={pp}; "
+                    f"use --parallel.microbatches={pp} or more")
 
     @property
     def partition_blocks(self) -> tuple:
@@ -231,8 +153,8 @@ class ParallelConfig(_Section):
             blocks = tuple(int(p) for p in self.partition.split(","))
         except ValueError:
             blocks = (-1,)
-        _require(all(b >= 0 for b in blocks), f"parallel.partition={self.partition!r} must be a comma list of "
-                                              "block counts per stage, e.g. '2,2'")
+        require(all(b >= 0 for b in blocks), f"parallel.partition={self.partition!r} must be a comma list of "
+                                             "block counts per stage, e.g. '2,2'")
         return blocks
 
 
@@ -251,25 +173,42 @@ class Config:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"Config.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         n_layer, par = self.model.n_layer, self.parallel
-        _require(par.zero == 0 or self.train.optimizer == "adamw",
-                 f"parallel.zero={par.zero} shards AdamW's moments; set train.optimizer='adamw' or parallel.zero=0")
+        require(par.zero == 0 or self.train.optimizer == "adamw",
+                f"parallel.zero={par.zero} shards AdamW's moments; set train.optimizer='adamw' or parallel.zero=0")
         blocks = par.partition_blocks
-        _require(not blocks or sum(blocks) == n_layer,
-                 f"parallel.partition={par.partition!r} places {sum(blocks)} blocks but model.n_layer={n_layer}")
-        _require(blocks or par.pp <= n_layer,
-                 f"parallel.pp={par.pp} is more stages than model.n_layer={n_layer} blocks; lower parallel.pp")
+        require(not blocks or sum(blocks) == n_layer,
+                f"parallel.partition={par.partition!r} places {sum(blocks)} blocks but model.n_layer={n_layer}")
+        require(blocks or par.pp <= n_layer,
+                f"parallel.pp={par.pp} is more stages than model.n_layer={n_layer} blocks; lower parallel.pp")
+        v = par.virtual_stages
+        require(blocks or v == 1 or n_layer % (par.pp * v) == 0,
+                f"parallel.virtual_stages={v} does not divide the {n_layer / par.pp:g} blocks per pipeline rank "
+                f"(model.n_layer={n_layer}, parallel.pp={par.pp}); pick v dividing n_layer / pp")
+        _check_tensor_parallel(self.model, par)
+
+
+def _check_tensor_parallel(m: GPTConfig, par: "ParallelConfig") -> None:
+    """Every split tensor-parallel layer must cut into equal whole shards (the vocabulary is padded)."""
+    tp, why = par.tp, "each tensor-parallel rank holds whole heads and equal shards: pick a tp that divides it"
+    for key in ("n_head", "n_embd"):
+        n = getattr(m, key)
+        require(n % tp == 0, f"model.{key}={n} is not divisible by parallel.tp={tp}; {why}")
+    require(m.mlp_hidden % tp == 0, f"the MLP width {m.mlp_hidden} (model.mlp={m.mlp!r}) is not divisible "
+                                    f"by parallel.tp={tp}; {why}")
+    require(not par.sp or m.block_size % tp == 0,
+            f"model.block_size={m.block_size} is not divisible by parallel.tp={tp}: parallel.sp=true "
+            f"splits every sequence into tp equal parts")
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Checks that need the number of MPI ranks: the rank grid and how the global batch splits."""
     par, tr = cfg.parallel, cfg.train
-    _require(par.dp * par.pp == world_size,
-             f"parallel.dp={par.dp} x parallel.pp={par.pp} = {par.dp * par.pp} ranks but the job has {world_size}; "
-             f"launch with mpirun -np {par.dp * par.pp} or make dp x pp = {world_size}")
+    problem = layout_problem(par.dp, par.pp, par.tp, world_size)
+    require(problem is None, problem)
     per = par.dp * tr.grad_accum * par.microbatches
-    _require(tr.batch_size % per == 0,
-             f"train.batch_size={tr.batch_size} is not divisible by parallel.dp={par.dp} x train.grad_accum="
-             f"{tr.grad_accum} x parallel.microbatches={par.microbatches} = {per}; use a multiple of {per}")
+    require(tr.batch_size % per == 0,
+            f"train.batch_size={tr.batch_size} is not divisible by parallel.dp={par.dp} x train.grad_accum="
+            f"{tr.grad_accum} x parallel.microbatches={par.microbatches} = {per}; use a multiple of {per}")
 
 
 def data_dir(cfg: Config) -> str:
@@ -299,10 +238,10 @@ _ALIASES = {
 
 def _suggest(section: str, key: str) -> str:
     """'; did you mean X?' for a mistyped key, else the list of keys of the section."""
-    keys = list(_field_types(SECTIONS[section])) if section in SECTIONS else []
+    keys = list(field_types(SECTIONS[section])) if section in SECTIONS else []
     own = {k: f"{section}.{k}" for k in keys}
     own.update({a: t for a, t in _ALIASES.items() if t.startswith(f"{section}.")})
-    everywhere = {k: f"{s}.{k}" for s, cls in SECTIONS.items() for k in _field_types(cls)}
+    everywhere = {k: f"{s}.{k}" for s, cls in SECTIONS.items() for k in field_types(cls)}
     everywhere.update(_ALIASES)
     for names, cutoff in ((own, 0.6), (everywhere, 0.75)):
         hit = difflib.get_close_matches(key, list(names), n=1, cutoff=cutoff)
@@ -336,11 +275,11 @@ def _normalize(d, where: str = "") -> dict:
             raise ConfigError(f"key '{section}'{where} is outside any [section]{hit}")
         if section not in SECTIONS:
             raise _unknown_section(section, where)
-        types = _field_types(SECTIONS[section])
+        types = field_types(SECTIONS[section])
         for key, value in values.items():
             if key not in types:
                 raise _unknown_key(section, key, where)
-            out.setdefault(section, {})[key] = _typed(f"{section}.{key}", value, types[key])
+            out.setdefault(section, {})[key] = typed(f"{section}.{key}", value, types[key])
     return out
 
 
@@ -386,10 +325,10 @@ def _apply_overrides(d: dict, overrides) -> dict:
         section, key, text = _split_override(item)
         if section not in SECTIONS:
             raise _unknown_section(section, f" in override {item!r}")
-        types = _field_types(SECTIONS[section])
+        types = field_types(SECTIONS[section])
         if key not in types:
             raise _unknown_key(section, key, "")
-        d.setdefault(section, {})[key] = _parse(f"{section}.{key}", text, types[key])
+        d.setdefault(section, {})[key] = parse_override(f"{section}.{key}", text, types[key])
     return d
 
 

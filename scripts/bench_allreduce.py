@@ -23,7 +23,8 @@ import numpy
 
 from minillm import backend
 from minillm.backend import xp
-from minillm.distributed.comm import get_world_comm, install_abort_handler
+from minillm.distributed.comm import get_world_comm
+from minillm.distributed.launch import install_abort_handler
 from minillm.distributed.ring import ring_allreduce_
 from minillm.errors import UserError
 

@@ -163,10 +163,11 @@ def test_formats_and_dtype_names():
 
 def test_bfloat16_without_backend_support_names_the_alternatives(monkeypatch):
     monkeypatch.setattr(amp_dtypes.backend, "is_gpu", lambda: True)
-    monkeypatch.setattr(amp_dtypes, "_gpu_supports", lambda dtype: False)
+    monkeypatch.setattr(amp_dtypes.backend, "cupy_version", lambda: "13.6.0")  # CuPy 13: no bfloat16
     with pytest.raises(UserError) as e:
         compute_dtype("bfloat16")
-    assert "float16" in str(e.value) and "float32" in str(e.value) and "\n" not in str(e.value)
+    msg = str(e.value)
+    assert "CuPy >= 14" in msg and "13.6.0" in msg and "float16" in msg and "float32" in msg and "\n" not in msg
 
 
 # ---------------------------------------------------------------- master weights and 16-bit ops

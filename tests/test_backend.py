@@ -1,5 +1,5 @@
-"""Tests of minillm.backend: the default array module, device switching errors, erf accuracy,
-host copies, the cupy/numpy mixing check and synchronize."""
+"""Tests of minillm.backend (the default array module, device switching errors, host copies, the
+cupy/numpy mixing check, synchronize) and of erf (autograd/special.py)."""
 import importlib.util
 import math
 import os
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from minillm import backend
+from minillm.autograd.special import erf
 from minillm.backend import xp
 from minillm.errors import UserError
 
@@ -47,7 +48,7 @@ def test_set_device_cpu_is_seen_through_xp():
 
 def test_erf_matches_math_erf():
     x = np.concatenate([np.linspace(-7, 7, 2001), [0.0, 1e-12, -1e-12, 2.999999, 3.0, 3.000001, 30.0, -30.0]])
-    got = backend.to_numpy(backend.erf(backend.asarray(x)))
+    got = backend.to_numpy(erf(backend.asarray(x)))
     ref = np.array([math.erf(v) for v in x])
     np.testing.assert_allclose(got, ref, rtol=1e-14, atol=2e-16)
     assert got.dtype == np.float64
@@ -55,11 +56,11 @@ def test_erf_matches_math_erf():
 
 def test_erf_dtypes_and_shapes():
     x32 = backend.asarray(np.array([[-1.0, 0.5], [2.0, 4.0]], np.float32))
-    y = backend.erf(x32)
+    y = erf(x32)
     assert y.dtype == np.float32 and y.shape == (2, 2)
     np.testing.assert_allclose(backend.to_numpy(y), [[math.erf(v) for v in r] for r in [[-1, 0.5], [2, 4]]],
                                rtol=1e-6)
-    yi = backend.erf(backend.asarray(np.array([0, 1, -2])))
+    yi = erf(backend.asarray(np.array([0, 1, -2])))
     assert yi.dtype == np.float64
     np.testing.assert_allclose(backend.to_numpy(yi), [0.0, math.erf(1), math.erf(-2)], rtol=1e-14)
 

@@ -15,10 +15,10 @@ import pytest
 
 from minillm import backend
 from minillm.autograd.function import Function
-from minillm.bench import format_table
+from minillm.perf.bench import format_table
 from minillm.model import GPT, GPTConfig
-from minillm.profiler import OpProfiler, all_functions
-from minillm.train.flops import flops_per_token, matmul_params
+from minillm.perf.profiler import OpProfiler, all_functions
+from minillm.perf.flops import flops_per_token, matmul_params
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
@@ -82,7 +82,7 @@ def test_bench_threads_runs_a_pinned_child(minillm_cli, tmp_path, char_data, mon
             f.write(os.environ.get("OPENBLAS_NUM_THREADS", "unset") + "\\n")
     """))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(REPO)])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), str(REPO), os.environ.get("PYTHONPATH")]))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     r = subprocess.run([sys.executable, "-m", "minillm", "bench", str(TINY_CONFIG), "--steps", "2",
@@ -195,7 +195,7 @@ def test_flops_per_token_matches_a_hand_count():
 
 FAULTS = """
 import resource, sys
-from minillm.backend import tune_host_allocator
+from minillm.perf.allocator import tune_host_allocator
 import numpy as np
 print(int(tune_host_allocator()))
 n = 5_000_000                                       # 40 MB: above glibc's default mmap ceiling
@@ -220,7 +220,7 @@ def _faults(tmp_path, tuning):
 
 
 def test_tune_host_allocator_returns_a_bool_and_can_be_disabled(monkeypatch):
-    from minillm.backend import tune_host_allocator
+    from minillm.perf.allocator import tune_host_allocator
     assert isinstance(tune_host_allocator(), bool)
     monkeypatch.setenv("MINILLM_MALLOC_TUNING", "0")
     assert tune_host_allocator() is False

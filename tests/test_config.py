@@ -43,7 +43,7 @@ def test_defaults_validate_and_match_the_documented_values():
     assert (cfg.data.source, cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.val_fraction) == ("pydocs", "char", 0, 0.1)
     t = cfg.train
     assert (t.batch_size, t.max_steps, t.lr, t.min_lr, t.warmup_steps, t.schedule) == (12, 2000, 1e-3, 1e-4, 100, "cosine")
-    assert (t.beta2, t.dtype, t.device, t.out_dir, t.progress) == (0.99, "float32", "cpu", "runs/default", True)
+    assert (t.beta2, t.dtype, t.device, t.out_dir, t.progress) == (0.99, "float32", "auto", "runs/default", True)
     p = cfg.parallel
     assert (p.dp, p.pp, p.microbatches, p.schedule, p.allreduce, p.partition, p.zero) == (1, 1, 1, "1f1b", "mpi", "", 0)
     check_layout(cfg, 1)
@@ -94,7 +94,7 @@ INVALID = [
     ("parallel.schedule", "zb", "parallel.schedule='zb' is not one of '1f1b', 'gpipe'"),
     ("parallel.allreduce", "nccl", "parallel.allreduce='nccl' is not one of 'mpi', 'ring'"),
     ("parallel.bucket_mb", 0.0, "parallel.bucket_mb"),
-    ("parallel.zero", 2, "parallel.zero=2 is not one of 0, 1"),
+    ("parallel.zero", 4, "parallel.zero=4 is not one of 0, 1, 2, 3"),
     ("parallel.partition", "2,x", "parallel.partition"),
     ("parallel.partition", "3,-1", "parallel.partition"),
     ("model.n_head", 3, "model.n_embd=128 is not divisible by model.n_head=3"),
@@ -346,7 +346,7 @@ def test_preset_values():
     m, t = main.model, main.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
     assert (main.data.source, main.data.tokenizer, t.batch_size, t.lr, t.min_lr, t.device) == \
-        ("pydocs", "char", 16, 2e-3, 2e-4, "cpu")
+        ("pydocs", "char", 16, 2e-3, 2e-4, "auto")
     gpu = load_config(CONFIGS / "shakespeare_char.toml")
     assert (gpu.model.n_layer, gpu.model.n_embd, gpu.model.block_size, gpu.model.dropout) == (6, 384, 256, 0.2)
     assert (gpu.train.batch_size, gpu.train.max_steps, gpu.train.device, gpu.data.source) == \

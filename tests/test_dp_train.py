@@ -228,12 +228,12 @@ def test_exception_on_rank_1_mid_training_ends_the_job(work, char_data):
         import minillm.train.trainer as trainer
         from minillm.cli import main
         if MPI.COMM_WORLD.Get_rank() == 1:
-            step = trainer.Trainer.train_step
+            step = trainer.Trainer.step_on_device
             def failing_step(self):
                 if self.step == 3:
                     raise RuntimeError("injected failure on rank 1")
                 return step(self)
-            trainer.Trainer.train_step = failing_step
+            trainer.Trainer.step_on_device = failing_step
         sys.exit(main({args!r}))
     """)
     r = run_mpi(2, ["-c", code], timeout=60, cwd=work)

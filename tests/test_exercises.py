@@ -55,6 +55,12 @@ def test_a_stub_is_reported_as_not_attempted():
     assert all(run_check(e.id, stub)[0] == "not attempted" for e in ALL)
 
 
+def test_every_lesson_with_checks_has_its_notebook():
+    lessons = {lesson_of(p) for p in NOTEBOOKS}
+    orphans = [f"lessonkit/checks/l{lesson}.py" for lesson in lessons_with_checks() if lesson not in lessons]
+    assert not orphans, f"checks without a lesson notebook (lessons/NN_*.ipynb): {orphans}"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_calls_every_check_of_its_lesson(path):
     source = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"]

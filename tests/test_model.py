@@ -284,3 +284,55 @@ def test_sequences_longer_than_block_size_raise():
     with pytest.raises(ValueError, match="longer than block_size 8"):
         m(ids((1, 9), 15))
     m(ids((1, 8), 15))  # exactly block_size is fine
+
+
+# ------------------------------------------------------------------ dropout keys
+class _Recorder:
+    """Wraps a Dropout layer's mask source and records every mask it draws with its key."""
+
+    def __init__(self, inner, log):
+        self.inner, self.log = inner, log
+
+    def mask(self, shape, p):
+        out = self.inner.mask(shape, p)
+        self.log.append((self.inner.layer, self.inner.source.key[:2], host(out)))
+        return out
+
+
+def _record_masks(model):
+    log = []
+    for m in model.modules():
+        if type(m).__name__ == "Dropout":
+            m.rng = _Recorder(m.rng, log)
+    return log
+
+
+def test_dropout_masks_follow_the_sample_not_the_call_order():
+    """The engine runs each micro-batch inside its (step, row0) key: any order, any split and any
+    replay of the same samples draws the same masks (what recomputation and interleaved
+    pipelines rely on)."""
+    from minillm.engine import LocalEngine, Microbatch
+    model = tiny(dropout=0.3)
+    log = _record_masks(model)
+    x, y = ids((12, 8), 1), ids((12, 8), 2)
+    mbs = [Microbatch(x[r:r + 4], y[r:r + 4], step=7, row0=r) for r in (0, 4, 8)]
+    engine = LocalEngine(model)
+
+    def masks(order):
+        log.clear()
+        engine.forward_backward([mbs[i] for i in order])
+        model.zero_grad()
+        return {(layer, key): mask for layer, key, mask in log}
+
+    in_order, shuffled, replayed = masks([0, 1, 2]), masks([2, 0, 1]), masks([1, 1])
+    assert len(in_order) == 3 * 5  # 3 micro-batches x 5 dropout sites (embedding + 2 per block)
+    assert set(in_order) == set(shuffled)
+    for k in in_order:
+        assert np.array_equal(in_order[k], shuffled[k]), k
+    assert all(np.array_equal(replayed[k], in_order[k]) for k in replayed)  # the replay of mbs[1]
+    engine.forward_backward([Microbatch(x, y, step=7, row0=0)])  # one micro-batch of all 12 rows
+    whole = {layer: mask for layer, _, mask in log[-5:]}
+    for (layer, (_, row0)), mask in in_order.items():
+        assert np.array_equal(whole[layer][row0:row0 + 4], mask), (layer, row0)
+    engine.forward_backward([Microbatch(x[:4], y[:4], step=8, row0=0)])  # another step: other masks
+    assert not np.array_equal(log[-1][2], in_order[(log[-1][0], (7, 0))])

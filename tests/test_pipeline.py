@@ -1,4 +1,5 @@
-"""Pipeline parallelism on real ``mpirun`` jobs equals one process over the same micro-batches.
+"""Pipeline parallelism on real ``mpirun`` jobs equals one process over the same micro-batches:
+GPipe, 1F1B, interleaved 1F1B (virtual stages) and ZB-H1 (split backward), with and without dp.
 
 The ranks run the real trainer (``python -m mpi4py tests/test_pipeline.py run OUTDIR CASE...``, or
 the ``minillm train`` command line) on a tiny GPT; the pytest process trains the same config with
@@ -20,10 +21,11 @@ from minillm.backend import to_numpy, xp
 from minillm.checkpoint import load_checkpoint
 from minillm.config import load_config
 from minillm.distributed.comm import SerialComm
-from minillm.distributed.pipeline import (TIED, activation_bytes, bubble_of, bubble_theory,
-                                          drop_other_stages, peak_live_theory, schedule,
-                                          simulate, stage_bounds, stage_parameters)
-from minillm.distributed.topology import grid_coords, make_topology
+from minillm.distributed.pipeline_schedule import (KIND, bubble_of, bubble_theory, peak_live_theory,
+                                                   schedule, simulate)
+from minillm.distributed.timeline import activation_bytes
+from minillm.distributed.topology import (TIED, drop_other_stages, grid_coords, make_topology,
+                                          stage_bounds, stage_parameters)
 from minillm.errors import UserError
 from minillm.model import GPT, GPTConfig
 from minillm.train.metrics import read_metrics
@@ -38,6 +40,7 @@ BASE = ["--model.n_layer=4", "--model.n_head=2", "--model.n_embd=16", "--model.b
         "--train.ckpt_interval=2", "--train.keep_last=0"]
 FANCY = ["--model.tie_embeddings=false", "--model.pos=rope", "--model.norm=rmsnorm",
          "--model.mlp=swiglu"]
+DROP = ["--model.dropout=0.1"]   # masks keyed by sample: the same whichever stage, chunk or order
 # case: (ranks, dp, pp, microbatches per replica, schedule, extra overrides)
 CASES = {
     "cli_1f1b2": (2, 1, 2, 4, "1f1b", []),
@@ -49,6 +52,13 @@ CASES = {
     "accum2": (2, 1, 2, 2, "gpipe", ["--train.grad_accum=2"]),  # two rounds of the pipeline a step
     # float16 with a loss scale that overflows at first: the same steps must be skipped
     "fp16_2": (2, 1, 2, 2, "1f1b", ["--train.dtype=float16", "--train.loss_scale_init=262144"]),
+    # schedules past 1F1B (issue 16), dropout on
+    "v2_2": (2, 1, 2, 4, "1f1b", DROP + ["--parallel.virtual_stages=2"]),
+    "zb2": (2, 1, 2, 4, "zb-h1", DROP),
+    "zb4": (4, 1, 4, 8, "zb-h1", DROP),
+    "v2_4": (4, 1, 4, 4, "1f1b", DROP + ["--model.n_layer=8", "--parallel.virtual_stages=2"]),
+    "dp2zb2": (4, 2, 2, 2, "zb-h1", DROP + FANCY + ["--train.grad_accum=2"]),
+    "dp2v2": (4, 2, 2, 2, "1f1b", DROP + ["--parallel.virtual_stages=2"]),
 }
 
 
@@ -69,7 +79,8 @@ def case_args(name, root, out_dir, serial=False):
 
 # ---------------------------------------------------------------- the ranks' program -------------
 def worker(outdir, names):
-    from minillm.distributed.comm import get_world_comm, install_abort_handler
+    from minillm.distributed.comm import get_world_comm
+    from minillm.distributed.launch import install_abort_handler
     from minillm.train.trainer import Trainer
     comm = get_world_comm()
     install_abort_handler(comm)
@@ -91,8 +102,9 @@ def worker(outdir, names):
                 p.grad = xp.zeros_like(p.data)
             if topo.is_last:
                 named[0][1].grad = xp.full_like(named[0][1].data, xp.inf)
-            eng._agree_on_overflow()
-            assert eng.precision.grads_to_master(), f"stage {topo.stage} would step after an overflow"
+            assert eng.precision.grads_to_master() == topo.is_last  # this stage's own finding
+            assert eng.precision.grads_to_master(agree=eng.agree), \
+                f"stage {topo.stage} would step after an overflow on the last stage"
     print(f"rank {comm.rank} done", flush=True)
 
 
@@ -117,7 +129,8 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(root):
-    res = run_mpi(2, [HERE, "run", root, "gpipe2", "resume2", "accum2", "fp16_2"], timeout=120)
+    res = run_mpi(2, [HERE, "run", root, "gpipe2", "resume2", "accum2", "fp16_2", "v2_2", "zb2"],
+                  timeout=150)
     assert res.returncode == 0, output(res)
     res = run_mpi(2, ["-m", "minillm", "train", *case_args("cli_1f1b2", root, root / "cli_1f1b2")],
                   timeout=120)
@@ -127,7 +140,8 @@ def two_ranks(root):
 
 @pytest.fixture(scope="module")
 def four_ranks(root):
-    res = run_mpi(4, [HERE, "run", root, "gpipe4", "1f1b4", "dp2pp2"], timeout=150)
+    res = run_mpi(4, [HERE, "run", root, "gpipe4", "1f1b4", "dp2pp2", "zb4", "v2_4", "dp2zb2", "dp2v2"],
+                  timeout=240)
     assert res.returncode == 0, output(res)
     return root
 
@@ -165,7 +179,7 @@ def check_same_run(run, ref, steps=range(1, STEPS + 1), loss_tol=1e-5, param_tol
 
 # ---------------------------------------------------------------- mpirun tests -------------------
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", ["cli_1f1b2", "gpipe2", "accum2"])
+@pytest.mark.parametrize("name", ["cli_1f1b2", "gpipe2", "accum2", "v2_2", "zb2"])
 def test_two_stages_equal_one_process(two_ranks, name):
     check_same_run(two_ranks / name, two_ranks / f"serial_{name}")
 
@@ -178,7 +192,7 @@ def test_float16_pipeline_skips_the_same_steps(two_ranks):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", ["gpipe4", "1f1b4", "dp2pp2"])
+@pytest.mark.parametrize("name", ["gpipe4", "1f1b4", "dp2pp2", "zb4", "v2_4", "dp2zb2", "dp2v2"])
 def test_four_ranks_equal_one_process(four_ranks, name):
     check_same_run(four_ranks / name, four_ranks / f"serial_{name}")
 
@@ -200,11 +214,12 @@ def test_untied_model_and_empty_stage_hold_the_right_parameters(four_ranks):
 
 
 @pytest.mark.mpi
-def test_pipeline_checkpoint_resumes_without_pipeline(two_ranks):
+@pytest.mark.parametrize("name", ["cli_1f1b2", "zb2"])
+def test_pipeline_checkpoint_resumes_without_pipeline(two_ranks, name):
     from minillm.train.trainer import Trainer
-    run = two_ranks / "cli_1f1b2"
-    out = two_ranks / "resumed_serial"
-    cfg = load_config(None, case_args("cli_1f1b2", two_ranks, out, serial=True))
+    run = two_ranks / name
+    out = two_ranks / f"{name}_resumed_serial"
+    cfg = load_config(None, case_args(name, two_ranks, out, serial=True))
     Trainer(cfg, comm=SerialComm(), resume=str(run / "ckpt_0000002.h5"), log=lambda m: None).run()
     check_same_run(out, run, steps=range(3, STEPS + 1))
 
@@ -268,6 +283,41 @@ def test_bad_layouts_fail_cleanly_on_every_rank(root, tmp_path, bad, message):
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+@pytest.mark.mpi
+def test_split_and_interleaved_timelines(two_ranks, four_ranks):
+    """ZB-H1 records m forwards, backwards (B) and weight steps (W) per rank; interleaved 1F1B m
+    forwards and backwards per chunk, the chunks labelled; and deferring W keeps memory alive
+    longer (the peak of a ZB-H1 stage, with its queued weight work, is at least 1F1B's)."""
+    for run, p, m, v, sched in ((two_ranks / "zb2", 2, 4, 1, "zb-h1"), (four_ranks / "zb4", 4, 8, 1, "zb-h1"),
+                                (two_ranks / "v2_2", 2, 4, 2, "1f1b"), (four_ranks / "v2_4", 4, 4, 2, "1f1b")):
+        for t in _timelines(run, p):
+            assert t["schedule"] == sched and t["virtual_stages"] == v
+            assert t["bubble_theory"] == pytest.approx(bubble_theory(p, m, v, sched))
+            steps = [(e["kind"], e["micro"], e["chunk"]) for e in t["events"]
+                     if e["kind"] in ("forward", "backward", "weight")]
+            want = [(KIND[k], i, c) for k, i, c in schedule(sched, p, t["stage"], m, v)]
+            assert steps == want  # the engine ran exactly the schedule's list
+    zb = _timelines(two_ranks / "zb2", 2)[0]["peak_activation_bytes"]
+    ff = _timelines(two_ranks / "cli_1f1b2", 2)[0]["peak_activation_bytes"]
+    assert all(z >= f for z, f in zip(zb, ff)), (zb, ff)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bad, message", [
+    (["--parallel.pp=2", "--parallel.virtual_stages=3", "--parallel.microbatches=2"],
+     "does not divide the 2 blocks per pipeline rank"),
+    (["--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.microbatches=3",
+      "--train.batch_size=12"], "multiple of parallel.pp=2"),
+    (["--parallel.pp=2", "--parallel.schedule=zb-h1", "--parallel.microbatches=1"], "microbatches=1 >= parallel.pp=2"),
+    (["--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.schedule=gpipe"], "interleaves 1F1B"),
+])
+def test_bad_schedule_settings_fail_cleanly(root, tmp_path, minillm_cli, bad, message):
+    res = minillm_cli("train", *BASE, *data_args(root), f"--train.out_dir={tmp_path / 'run'}", *bad,
+                      cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- unit tests (one process) -------
 def test_stage_bounds_even_and_explicit():
     assert stage_bounds(4, 2) == [(0, 2), (2, 4)]
@@ -302,7 +352,7 @@ def test_every_parameter_is_held_exactly_once(tied):
 @pytest.mark.parametrize("p, m", [(2, 1), (2, 4), (3, 2), (4, 4), (4, 8)])
 def test_schedules(name, p, m):
     for s in range(p):
-        acts = schedule(name, p, s, m)
+        acts = [(k, i) for k, i, _ in schedule(name, p, s, m)]
         assert sorted(acts) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
         assert [i for k, i in acts if k == "F"] == list(range(m))
         assert [i for k, i in acts if k == "B"] == list(range(m))

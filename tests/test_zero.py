@@ -20,16 +20,20 @@ from mpi_util import output, run_mpi
 from test_dp_train import (EVERY, assert_same_curve, assert_same_weights, error_lines, final,
                            mid, rel, run_maker, train_args)
 
+from minillm.backend import asarray as dev
+from minillm.backend import to_numpy as host
+from minillm.backend import xp
 from minillm.checkpoint import load_checkpoint
 from minillm.config import Config, ParallelConfig, TrainConfig, apply_overrides
-from minillm.distributed.comm import SerialComm, get_world_comm, install_abort_handler
+from minillm.distributed.comm import SerialComm, get_world_comm
+from minillm.distributed.launch import install_abort_handler
 from minillm.distributed.zero import ShardLayout, ZeroAdamW, ZeroSync, optimizer_state_nbytes
 from minillm.errors import ConfigError, UserError
 from minillm.model import GPT, GPTConfig
 from minillm.nn import Parameter
 from minillm.optim import AdamW, clip_grad_norm
 from minillm.train.metrics import read_metrics
-from minillm.train.trainer import make_optimizer
+from minillm.train.build import make_grad_sync
 
 HERE = Path(__file__).resolve()
 
@@ -40,17 +44,9 @@ SHAPES = [("a.weight", (7, 5)), ("a.bias", (7,)), ("b.weight", (3, 11)), ("ln.we
 HYPER = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-class _Model:
-    def __init__(self, named):
-        self.named = named
-
-    def named_parameters(self):
-        return list(self.named)
-
-
 def make_params(seed=0):
     rng = np.random.default_rng(seed)
-    return [(n, Parameter(rng.standard_normal(s).astype(np.float32))) for n, s in SHAPES]
+    return [(n, Parameter(dev(rng.standard_normal(s).astype(np.float32)))) for n, s in SHAPES]
 
 
 def local_grads(step, rank):
@@ -68,7 +64,7 @@ def mean_grads(step, size):
 
 def reference_step(named, opt, step, size):
     for (_, p), g in zip(named, mean_grads(step, size)):
-        p.grad = g
+        p.grad = dev(g)
     norm = clip_grad_norm([p for _, p in named], 1.0)
     opt.step(lr=1e-2 / (step + 1))
     opt.zero_grad()
@@ -77,17 +73,16 @@ def reference_step(named, opt, step, size):
 
 def zero_step(comm, named, sync, opt, step):
     for (_, p), g in zip(named, local_grads(step, comm.rank)):
-        p.grad = g
+        p.grad = dev(g)
     sync.finish_gradient_sync()
-    norm = clip_grad_norm([p for _, p in named], 1.0,
-                          reduce=lambda sq: comm.allreduce_scalar(sq, "sum"))
+    norm = clip_grad_norm([p for _, p in named], 1.0, reduce=sync.grad_sq_reduce)
     opt.step(lr=1e-2 / (step + 1))
     opt.zero_grad()
     return norm
 
 
 def assert_close(got, want, tol=1e-6, what=""):
-    err = rel(got, want)
+    err = rel(host(got), host(want))
     assert err <= tol, f"{what}: relative difference {err:.1e}"
 
 
@@ -98,16 +93,16 @@ def worker_collectives():
     r, p = comm.rank, comm.size
     counts = [2 * i + (i == 1) for i in range(p)]  # rank 0 gets nothing, the others uneven parts
     n, lo = sum(counts), sum(counts[:r])
-    a = np.arange(n, dtype=np.float32) * (r + 1)
+    a = dev(np.arange(n, dtype=np.float32) * (r + 1))
     part = comm.reduce_scatter_(a, counts)
     assert part.base is a or part.base is a.base
-    np.testing.assert_array_equal(part, np.arange(lo, lo + counts[r]) * sum(range(1, p + 1)))
+    np.testing.assert_array_equal(host(part), np.arange(lo, lo + counts[r]) * sum(range(1, p + 1)))
     outside = np.r_[0:lo, lo + counts[r]:n]
-    np.testing.assert_array_equal(a[outside], outside * (r + 1))  # the rest is untouched
-    b = np.full(n, -1.0)
+    np.testing.assert_array_equal(host(a)[outside], outside * (r + 1))  # the rest is untouched
+    b = dev(np.full(n, -1.0))
     b[lo:lo + counts[r]] = r
     assert comm.allgather_(b, counts) is b
-    np.testing.assert_array_equal(b, np.repeat(np.arange(p), counts))
+    np.testing.assert_array_equal(host(b), np.repeat(np.arange(p), counts))
     try:
         comm.allgather_(b, counts[:-1])
         raise AssertionError("counts for too few ranks were accepted")
@@ -124,7 +119,7 @@ def worker_optimizer():
     ref_named = make_params()
     ref = AdamW(ref_named, lr=1e-2, **HYPER)
     named = make_params()
-    sync = ZeroSync(_Model(named), comm)
+    sync = ZeroSync(named, comm)
     opt = ZeroAdamW(named, comm, lr=1e-2, **HYPER)
     assert {s.decay for s in opt.params} == {True, False}
     clipped = 0
@@ -151,7 +146,7 @@ def worker_optimizer():
     else:
         assert sd["state"] == {}
     fresh = [(n, Parameter(w.data.copy())) for n, w in ref_named]
-    sync2, opt2 = ZeroSync(_Model(fresh), comm), ZeroAdamW(fresh, comm, lr=0.5)
+    sync2, opt2 = ZeroSync(fresh, comm), ZeroAdamW(fresh, comm, lr=0.5)
     opt2.load_state_dict(want)
     assert opt2.step_count == 6 and opt2.betas == (0.9, 0.95)
     for step in range(6, 8):
@@ -167,13 +162,16 @@ def worker_optimizer():
     except UserError as e:
         assert "b.weight" in str(e) and "(11, 3)" in str(e), e
 
-    # an inf in rank 0's local gradient lands in the last rank's shard: every rank must see it
+    # an inf in rank 0's local gradient lands in the last rank's shard only; the overflow
+    # decision is an explicit all-reduce of the flag, so every rank takes it
     for _, q in named:
-        q.grad = np.zeros_like(q.data)
+        q.grad = xp.zeros_like(q.data)
     if r == 0:
         named[-1][1].grad[-1, -1] = np.inf
     sync.finish_gradient_sync()
-    assert not all(np.isfinite(q.grad).all() for _, q in named)
+    mine = not all(np.isfinite(host(q.grad)).all() for _, q in named)
+    assert mine == (r == p - 1), (r, mine)  # the inf sits in the owner's shard, nowhere else
+    assert sync.agree(mine), f"rank {r} would step after an overflow on rank {p - 1}"
     print("optimizer ok", flush=True)
 
 
@@ -190,8 +188,9 @@ def worker_memory():
         tracemalloc.start()  # before the model: ZeroAdamW frees its weight arrays (see flatten)
         model = GPT(model_cfg, seed=1)
         params = list(model.named_parameters())
+        sync = make_grad_sync(cfg.parallel, params, comm)  # the one place that picks ZeRO or not
         before = tracemalloc.get_traced_memory()[0]
-        opt = make_optimizer(cfg, params, comm)
+        opt = sync.make_optimizer(cfg.train, params)
         kept = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         assert type(opt) is (ZeroAdamW if zero else AdamW)
@@ -227,12 +226,12 @@ def test_world_of_one_is_plain_adamw():
     opt, ref = ZeroAdamW(named, SerialComm(), lr=1e-2, **HYPER), AdamW(ref_named, lr=1e-2, **HYPER)
     for step in range(3):
         for (_, q), (_, w), g in zip(named, ref_named, mean_grads(step, 1)):
-            q.grad, w.grad = g.copy(), g.copy()
+            q.grad, w.grad = dev(g), dev(g)
         opt.step(lr=1e-2)
         ref.step(lr=1e-2)
     for (name, q), (_, w) in zip(named, ref_named):
-        np.testing.assert_array_equal(q.data, w.data, err_msg=name)
-        np.testing.assert_array_equal(opt.state_dict()["state"][name]["v"], ref.state[name]["v"])
+        np.testing.assert_array_equal(host(q.data), host(w.data), err_msg=name)
+        np.testing.assert_array_equal(host(opt.state_dict()["state"][name]["v"]), host(ref.state[name]["v"]))
     assert optimizer_state_nbytes(opt) == optimizer_state_nbytes(ref)
 
 
@@ -245,7 +244,7 @@ def test_shard_layout_cuts_parameters_at_shard_bounds():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--parallel.zero=2"], "parallel.zero=2 is not one of 0, 1"),
+    (["--parallel.zero=4"], "parallel.zero=4 is not one of 0, 1, 2, 3"),
     (["--parallel.zero=1", "--parallel.pp=2"], "set parallel.pp=1 or parallel.zero=0"),
     (["--parallel.zero=1", "--train.optimizer=sgd"], "set train.optimizer='adamw' or parallel.zero=0"),
 ])
@@ -359,7 +358,7 @@ def test_serial_checkpoint_resumes_under_zero1(serial, runs):
 @pytest.mark.mpi
 @pytest.mark.parametrize("extra, message", [
     (["--parallel.pp=2", "--parallel.zero=1"], "parallel.zero=1 shards the optimizer over data-parallel"),
-    (["--parallel.dp=2", "--parallel.zero=2"], "parallel.zero=2 is not one of 0, 1"),
+    (["--parallel.dp=2", "--parallel.zero=4"], "parallel.zero=4 is not one of 0, 1, 2, 3"),
 ])
 def test_bad_zero_setting_is_one_error_line_exit_2(work, char_data, extra, message):
     r = run_mpi(2, train_args(char_data, "bad_zero", *extra), timeout=60, cwd=work)

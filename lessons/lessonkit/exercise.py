@@ -101,9 +101,10 @@ def run_check(exercise_id: str, fn) -> tuple[str, str]:
     return "passed", "passed"
 
 
-def check(exercise_id: str, fn) -> bool:
-    """Run exercise ``exercise_id``'s check on ``fn`` and print one line; True when it passed."""
+def check(exercise_id: str, fn) -> None:
+    """Run exercise ``exercise_id``'s check on ``fn`` and print one line. It returns nothing, so
+    a notebook cell that ends with ``check(...)`` shows that line and no stray value
+    (``run_check`` gives the status to code that needs it)."""
     status, message = run_check(exercise_id, fn)
     mark = {"passed": "✓", "failed": "✗", "not attempted": "·"}[status]
     print(f"{mark} {exercise_id}: {message}")
-    return status == "passed"

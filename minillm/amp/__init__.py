@@ -5,8 +5,9 @@ The trainer only ever calls a *precision* object (``make_precision(train_cfg, na
     precision.master_params          # (name, Parameter) list the optimizer updates (fp32)
     with precision.quiet():          # forward/backward without NumPy overflow warnings in 16 bits
     precision.scale_loss(loss)       # loss * scale (a Tensor), for backward
-    found_inf = precision.grads_to_master()   # after backward (and gradient sync): model grads ->
-                                     # fp32 master grads, unscaled; True if any inf/nan
+    found_inf = precision.grads_to_master(agree=engine.agree)
+                                     # after backward and gradient sync: model grads -> fp32
+                                     # master grads, unscaled; True if any rank found an inf/nan
     precision.master_to_model()      # after an optimizer step or a checkpoint load: master
                                      # weights -> the model's dtype
     precision.update(found_inf)      # grow / back off the loss scale (LossDivergedError below

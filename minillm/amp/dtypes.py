@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy
 
 from minillm import backend
+from minillm.choices import DTYPES as DTYPE_NAMES
+from minillm.choices import HALF_DTYPES  # noqa: F401  (re-exported)
 from minillm.errors import UserError
-
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
-HALF_DTYPES = ("float16", "bfloat16")
 
 
 def _bfloat16():
@@ -27,31 +26,27 @@ def _bfloat16():
     return numpy.dtype(ml_dtypes.bfloat16)
 
 
-def _gpu_supports(dtype) -> bool:
-    """Whether CuPy can make, multiply and exponentiate arrays of ``dtype``."""
-    cp = backend.array_module()
-    try:
-        a = cp.ones((2, 2), dtype=dtype)
-        cp.exp(a @ a).astype(cp.float32)
-        return True
-    except Exception:  # CuPy raises TypeError / ValueError / NotImplementedError for unknown dtypes
-        return False
+def _require_bfloat16_on_gpu():
+    """CuPy computes with bfloat16 (as ml_dtypes.bfloat16) from version 14 on."""
+    version = backend.cupy_version()
+    if backend.is_gpu() and int(version.split(".")[0]) < 14:
+        raise UserError(f"train.dtype='bfloat16' needs CuPy >= 14 (bfloat16 through ml_dtypes) but this "
+                        f"is CuPy {version}; pip install -U 'cupy-cuda12x>=14' (cupy-cuda13x for CUDA 13), "
+                        "or use --train.dtype=float16 (with loss scaling) or --train.dtype=float32")
 
 
 def compute_dtype(name: str):
     """The array dtype that ``train.dtype = name`` computes in, on the active device.
 
-    An unknown name, or bfloat16 on a CuPy without it, is a UserError naming the alternatives.
+    An unknown name, or bfloat16 on a CuPy without it (before 14), is a UserError naming the
+    version and the alternatives.
     """
     if name not in DTYPE_NAMES:
         raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(map(repr, DTYPE_NAMES))}")
     if name != "bfloat16":
         return numpy.dtype(name)
-    dt = _bfloat16()
-    if backend.is_gpu() and not _gpu_supports(dt):
-        raise UserError("train.dtype='bfloat16' is not supported by this CuPy version; use "
-                        "--train.dtype=float16 (with loss scaling) or --train.dtype=float32")
-    return dt
+    _require_bfloat16_on_gpu()
+    return _bfloat16()
 
 
 def is_half(dtype) -> bool:

@@ -12,7 +12,8 @@ bfloat16 (8 significant bits) or float16 (11) would round ``w - update`` back to
 would stall. A step:
 
     forward, scale_loss(loss).backward()     16-bit activations and gradients
-    grads_to_master()   model grads -> fp32 master grads / loss scale; one inf/nan check
+    grads_to_master(agree)   model grads -> fp32 master grads / loss scale; one inf/nan check,
+                        and ``agree`` (the engine's) makes it one decision across ranks
     clip, optimizer step on the masters      (skipped if found_inf)
     master_to_model()   master (fp32) -> model (16-bit), rounded once
     update(found_inf)   the loss scale for the next step
@@ -46,7 +47,9 @@ class FullPrecision:
     def scale_loss(self, loss):
         return loss
 
-    def grads_to_master(self):
+    def grads_to_master(self, agree=bool):
+        """float32 gradients are the master gradients: nothing to copy, no overflow to look for
+        (a real inf in float32 is a bug the clip and the loss will show)."""
         return False
 
     def update(self, found_inf):
@@ -74,8 +77,8 @@ class MixedPrecision:
         self.model_params = list(named_params)
         self.master_params = [(name, Parameter(p.data.astype(xp.float32)))
                               for name, p in self.model_params]
-        for _, p in self.model_params:
-            p.data = p.data.astype(self.compute_dtype)
+        for _, p in self.model_params:  # (already 16-bit pieces of a ZeRO shard stay views into it)
+            p.data = p.data.astype(self.compute_dtype, copy=False)
         # The master gradients are views into one flat float32 buffer, so the inf/nan check
         # over all of them is a single reduction, whatever the number of tensors.
         sizes = [m.data.size for _, m in self.master_params]
@@ -97,9 +100,11 @@ class MixedPrecision:
     def scale_loss(self, loss):
         return self.scaler.scale_loss(loss)
 
-    def grads_to_master(self) -> bool:
+    def grads_to_master(self, agree=bool) -> bool:
         """Model gradients -> float32 master gradients divided by the loss scale; returns True
-        if any of them is inf or nan (then the optimizer step must be skipped)."""
+        if any of them is inf or nan (then the optimizer step must be skipped). ``agree(flag)``
+        (``Engine.agree``) turns this process's finding into the decision of all ranks: a stage
+        or shard that overflowed skips the step everywhere (default: this process alone)."""
         inv = self.scaler.inv_scale
         for (_, p), (_, m), view in zip(self.model_params, self.master_params, self._grad_views):
             if p.grad is None:  # no gradient reached it: the optimizer leaves it alone
@@ -108,7 +113,8 @@ class MixedPrecision:
                 continue
             xp.multiply(p.grad, inv, out=view, dtype=xp.float32)  # upcast first: g/S may be below 16-bit range
             m.grad = view
-        return not bool(xp.isfinite(self._flat_grad).all())
+        found_inf = not bool(xp.isfinite(self._flat_grad).all())
+        return agree(found_inf)
 
     def quiet(self):
         """Context for forward/backward: an overflowing 16-bit step is expected (the scaler skips

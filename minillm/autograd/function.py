@@ -15,8 +15,27 @@ An op is a subclass of Function with two static methods side by side:
 ``Mul.apply(x, y)`` unwraps the Tensors, runs forward, and, when a gradient is needed, records
 the Context as the new Tensor's ``_ctx`` so that backward can walk the graph. Backward may return
 a gradient with a broadcast shape; the engine sums it back to each input's shape.
+
+``saved_tensors_hooks(pack, unpack)`` changes how arrays are saved while it is active: each saved
+array is stored as ``pack(array)`` and handed back as ``unpack(stored)`` when backward reads it.
+ZeRO-3 uses it to save a block's weights by reference (they are freed after the block's forward
+and gathered again before its backward), as PyTorch's hooks of the same name allow.
 """
+import contextlib
+
 from minillm.autograd import tensor as _tensor
+
+_saved_hooks = []  # the active (pack, unpack) pairs, innermost last
+
+
+@contextlib.contextmanager
+def saved_tensors_hooks(pack, unpack):
+    """Inside, arrays saved for backward are stored as ``pack(a)``, read back as ``unpack(x)``."""
+    _saved_hooks.append((pack, unpack))
+    try:
+        yield
+    finally:
+        _saved_hooks.pop()
 
 
 class Context:
@@ -25,16 +44,37 @@ class Context:
     def __init__(self, fn, parents):
         self.fn = fn                      # the Function class
         self.parents = parents            # the inputs (Tensors or constants), in order
-        self.saved_tensors = ()
+        self._saved, self._unpack = (), None
         self.needs_input_grad = tuple(isinstance(p, _tensor.Tensor) and p.requires_grad
                                       for p in parents)
 
     def save_for_backward(self, *arrays):
-        self.saved_tensors = arrays
+        if _saved_hooks:
+            pack, self._unpack = _saved_hooks[-1]
+            arrays = tuple(pack(a) for a in arrays)
+        self._saved = arrays
+
+    @property
+    def saved_tensors(self):
+        if self._unpack is None:
+            return self._saved
+        return tuple(self._unpack(a) for a in self._saved)
+
+    @saved_tensors.setter
+    def saved_tensors(self, arrays):  # backward empties it to free the memory
+        self._saved, self._unpack = tuple(arrays), None
 
 
 class Function:
-    """Base class of every differentiable op (see the module docstring)."""
+    """Base class of every differentiable op (see the module docstring).
+
+    An op whose backward can be cut in two (zero-bubble pipelines, ``tensor.DeferredWeightGrads``)
+    lists in ``weight_inputs`` the inputs whose gradients can wait and defines
+    ``backward_input(ctx, grad)`` (the gradients of the other inputs, None for these) and
+    ``backward_weight(ctx, grad)`` (the gradients of ``weight_inputs``, in that order).
+    """
+
+    weight_inputs = ()
 
     @staticmethod
     def forward(ctx, *args, **kwargs):

@@ -8,8 +8,10 @@ float32 even when activations are float16/bfloat16 (mixed precision).
 """
 import math
 
+from minillm import backend
 from minillm.autograd.function import Function
 from minillm.autograd.ops import acc_dtype, mm, mm_operand, upcast
+from minillm.autograd.special import erf
 from minillm.backend import xp
 
 
@@ -43,6 +45,26 @@ class Linear(Function):
         gw = mm(g2.T, x2, dtype=g.dtype) if need_w else None  # (out, in)
         gb = g2.sum(axis=0, dtype=acc_dtype(g.dtype)).astype(g.dtype, copy=False) if need_b else None
         return gx, gw, gb
+
+    # The same backward cut in two, for zero-bubble pipelines: dX is on the critical path (the
+    # previous stage waits for it), dW and db are not and can run later, in the bubble.
+    weight_inputs = (1, 2)
+
+    @staticmethod
+    def backward_input(ctx, g):
+        x2, w = ctx.saved_tensors
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out)
+        gx = mm(g2, w, dtype=g.dtype).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return gx, None, None
+
+    @staticmethod
+    def backward_weight(ctx, g):
+        x2, _ = ctx.saved_tensors
+        need_w, need_b = (ctx.needs_input_grad + (False,))[1:3]
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, out)
+        gw = mm(g2.T, x2, dtype=g.dtype) if need_w else None  # (out, in)
+        gb = g2.sum(axis=0, dtype=acc_dtype(g.dtype)).astype(g.dtype, copy=False) if need_b else None
+        return gw, gb
 
 
 class Softmax(Function):
@@ -94,9 +116,11 @@ class CrossEntropy(Function):
         x = _f32(logits).reshape(-1, V)                       # (N, V)
         t = targets.reshape(-1)                               # (N,)
         valid = t != ignore_index
-        t_safe = xp.where(valid, t, 0)
-        if t_safe.size and (int(t_safe.max()) >= V or int(t_safe.min()) < 0):
-            raise ValueError(f"cross_entropy: target ids must be in [0, {V}) (or ignore_index)")
+        # Checked without stalling a GPU (raised at the next backend.fetch there), and clipped so
+        # that a bad id can never index outside the logits.
+        backend.check((((t < 0) | (t >= V)) & valid).any(),
+                      f"cross_entropy: target ids must be in [0, {V}) (or ignore_index)")
+        t_safe = xp.clip(xp.where(valid, t, 0), 0, V - 1)
         probs = x - x.max(axis=1, keepdims=True)              # shifted logits, (N, V)
         rows = xp.arange(t.shape[0])
         target = probs[rows, t_safe]                          # shifted logit of each target, (N,)
@@ -106,7 +130,7 @@ class CrossEntropy(Function):
         # log-prob of each target, (N,), from the shifted logit: log(probs[target]) would be
         # log(0) = -inf once a target's probability underflows (logits ~1e3 apart)
         logp = target - xp.log(sums[:, 0])
-        n = max(int(valid.sum()), 1)
+        n = xp.maximum(valid.sum(), 1).astype(x.dtype)        # rows that count, on the device
         loss = -(logp * valid).sum() / n
         ctx.save_for_backward(probs, t_safe, valid)
         ctx.n, ctx.shape, ctx.dtype = n, logits.shape, logits.dtype
@@ -218,7 +242,6 @@ class GELU(Function):
             t *= xf                                           # k (x + 0.044715 x^3)
             xp.tanh(t, out=t)
         elif approximate == "none":
-            from minillm.backend import erf
             t = erf(xf * (1.0 / math.sqrt(2.0)))
         else:
             raise ValueError(f"gelu: approximate={approximate!r} must be 'tanh' or 'none'")
@@ -261,8 +284,9 @@ _MASKS = {}
 
 def _causal_mask(tq, tk, dtype):
     """Additive mask (Tq, Tk): 0 where query i may see key j, -inf after it. Query i sits at
-    position i + (Tk - Tq), so with a KV cache new queries see every cached key."""
-    key = (tq, tk, str(dtype))
+    position i + (Tk - Tq), so with a KV cache new queries see every cached key. Cached per
+    device: an array of one device cannot be added to another's."""
+    key = (backend.device_key(), tq, tk, str(dtype))
     if key not in _MASKS:
         i = xp.arange(tq)[:, None] + (tk - tq)
         j = xp.arange(tk)[None, :]
@@ -270,18 +294,43 @@ def _causal_mask(tq, tk, dtype):
     return _MASKS[key]
 
 
+def _check_attention(q, k, v):
+    if q.shape[-1] != k.shape[-1] or k.shape[:-1] != v.shape[:-1] or q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape} and v {v.shape} "
+                         f"do not fit: expected q (B, nh, Tq, hs), k (B, nh, Tk, hs), "
+                         f"v (B, nh, Tk, hs_v)")
+
+
+def _scores(q, k):
+    """(q scaled by 1/sqrt(hs), scale, float32 scores q k^T / sqrt(hs) of shape (B, nh, Tq, Tk))."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qs = q * xp.asarray(scale, dtype=q.dtype)            # scale q, not the (Tq, Tk) scores: less work
+    return qs, scale, mm(qs, k.swapaxes(-1, -2), dtype=acc_dtype(q.dtype))  # (B, nh, Tq, Tk), fp32
+
+
+def _attention_backward(ctx, g):
+    """Shared by both attention Functions: the gradients of softmax(s) v through the saved att."""
+    qs, k, v, att = ctx.saved_tensors
+    dv = mm(att.swapaxes(-1, -2), g)                      # (B, nh, Tk, hs)
+    datt = mm(g, v.swapaxes(-1, -2), dtype=acc_dtype(g.dtype))  # (B, nh, Tq, Tk)
+    # softmax backward: ds = att * (datt - sum_j datt_j att_j); einsum sums the products
+    # without materialising them
+    datt -= xp.einsum("...ij,...ij->...i", datt, att)[..., None]
+    datt *= att
+    ds = datt.astype(qs.dtype, copy=False)
+    dq = mm(ds, k)                                        # (B, nh, Tq, hs)
+    dq *= xp.asarray(ctx.scale, dtype=dq.dtype)
+    dk = mm(ds.swapaxes(-1, -2), qs)                      # (B, nh, Tk, hs)
+    return dq, dk, dv
+
+
 class CausalAttention(Function):
     """softmax(q k^T / sqrt(hs) + causal mask) v for q (B, nh, Tq, hs) and k, v (B, nh, Tk, hs)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
-        if q.shape[-1] != k.shape[-1] or k.shape[:-1] != v.shape[:-1] or q.shape[:-2] != k.shape[:-2]:
-            raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape} and v {v.shape} "
-                             f"do not fit: expected q (B, nh, Tq, hs), k (B, nh, Tk, hs), "
-                             f"v (B, nh, Tk, hs_v)")
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        qs = q * xp.asarray(scale, dtype=q.dtype)            # scale q, not the (Tq, Tk) scores: less work
-        att = mm(qs, k.swapaxes(-1, -2), dtype=acc_dtype(q.dtype))  # (B, nh, Tq, Tk), fp32 scores
+        _check_attention(q, k, v)
+        qs, scale, att = _scores(q, k)
         att += _causal_mask(q.shape[-2], k.shape[-2], att.dtype)
         att -= att.max(axis=-1, keepdims=True)
         xp.exp(att, out=att)
@@ -291,20 +340,55 @@ class CausalAttention(Function):
         ctx.scale = scale
         return mm(att, v)                                     # (B, nh, Tq, hs)
 
+    backward = staticmethod(_attention_backward)
+
+
+def _check_mask(mask, q, k):
+    """The boolean mask as an xp array that broadcasts to (B, nh, Tq, Tk), or a ValueError."""
+    mask = xp.asarray(mask)
+    full = q.shape[:-1] + (k.shape[-2],)                  # (B, nh, Tq, Tk)
+    if mask.dtype != xp.bool_:
+        raise ValueError(f"scaled_dot_product_attention: attn_mask must be boolean (True = may "
+                         f"attend), got {mask.dtype}")
+    if mask.ndim > len(full) or any(m not in (1, f) for m, f in zip(mask.shape[::-1], full[::-1])):
+        raise ValueError(f"scaled_dot_product_attention: attn_mask of shape {mask.shape} does not "
+                         f"broadcast to (B, nh, Tq, Tk) = {full}")
+    return mask
+
+
+class MaskedAttention(Function):
+    """softmax(q k^T / sqrt(hs) + mask) v with a boolean ``mask`` (True = may attend) that
+    broadcasts to (B, nh, Tq, Tk), and with ``causal`` the causal mask too (query i sits at
+    position i + Tk - Tq, as in CausalAttention). ``mask=None, causal=False``: full attention.
+
+    A query row that may attend to no key at all (fully masked: a padding token, say) has no
+    softmax; it is defined here as all-zero weights, so its output is zero and no gradient flows
+    through it (never NaN). Backward is CausalAttention's: the mask lives in the saved weights.
+    """
+
     @staticmethod
-    def backward(ctx, g):
-        qs, k, v, att = ctx.saved_tensors
-        dv = mm(att.swapaxes(-1, -2), g)                      # (B, nh, Tk, hs)
-        datt = mm(g, v.swapaxes(-1, -2), dtype=acc_dtype(g.dtype))  # (B, nh, Tq, Tk)
-        # softmax backward: ds = att * (datt - sum_j datt_j att_j); einsum sums the products
-        # without materialising them
-        datt -= xp.einsum("...ij,...ij->...i", datt, att)[..., None]
-        datt *= att
-        ds = datt.astype(qs.dtype, copy=False)
-        dq = mm(ds, k)                                        # (B, nh, Tq, hs)
-        dq *= xp.asarray(ctx.scale, dtype=dq.dtype)
-        dk = mm(ds.swapaxes(-1, -2), qs)                      # (B, nh, Tk, hs)
-        return dq, dk, dv
+    def forward(ctx, q, k, v, mask=None, causal=True):
+        _check_attention(q, k, v)
+        qs, scale, att = _scores(q, k)
+        if causal:
+            att += _causal_mask(q.shape[-2], k.shape[-2], att.dtype)
+        if mask is not None:
+            # additive form of the mask's own shape: (B, 1, Tq, Tk) stays small next to att
+            att += xp.where(_check_mask(mask, q, k), 0.0, -xp.inf).astype(att.dtype)
+        top = att.max(axis=-1, keepdims=True)             # (B, nh, Tq, 1)
+        dead = top == -xp.inf                             # rows with nothing to attend to
+        top[dead] = 0.0                                   # so exp(-inf - 0) = 0, not exp(nan)
+        att -= top
+        xp.exp(att, out=att)
+        total = att.sum(axis=-1, keepdims=True)
+        total[dead] = 1.0                                 # 0 / 1: the dead row's weights are zero
+        att /= total
+        att = att.astype(q.dtype, copy=False)
+        ctx.save_for_backward(qs, k, v, att)
+        ctx.scale = scale
+        return mm(att, v)                                     # (B, nh, Tq, hs)
+
+    backward = staticmethod(_attention_backward)
 
 
 def _rotate_half(x):

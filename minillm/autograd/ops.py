@@ -6,7 +6,7 @@ engine (tensor.py) sums them back to the input's shape.
 """
 import functools
 
-from minillm import backend
+from minillm import backend, kernels
 from minillm.autograd.function import Function
 from minillm.autograd.tensor import Tensor
 from minillm.backend import xp
@@ -18,9 +18,10 @@ def acc_dtype(dtype):
     return xp.float32 if dtype.itemsize < 4 else dtype
 
 
-@functools.lru_cache(maxsize=1)
-def _float16_table():
-    return xp.arange(65536, dtype=xp.uint16).view(xp.float16).astype(xp.float32)  # bits -> value
+@functools.lru_cache(maxsize=None)
+def _float16_table(device_key):
+    """bits -> value of every float16, on the device ``device_key`` names (a cache per device)."""
+    return xp.arange(65536, dtype=xp.uint16).view(xp.float16).astype(xp.float32)
 
 
 def upcast(a):
@@ -31,7 +32,7 @@ def upcast(a):
     if a.dtype.itemsize >= 4:
         return a
     if a.dtype == xp.float16 and not backend.is_gpu():
-        return xp.take(_float16_table(), a.view(xp.uint16))
+        return xp.take(_float16_table(backend.device_key()), a.view(xp.uint16))
     return a.astype(xp.float32)
 
 
@@ -48,12 +49,22 @@ def mm(a, b, dtype=None):
     The result has ``dtype``, by default the 16-bit input's (the product is rounded once); pass
     float32 to keep the accumulator unrounded (attention scores, a bias added before rounding).
     On the CPU the 16-bit inputs are cast up and multiplied in float32: NumPy's own float16
-    matmul is ~200x slower, and bfloat16 has none."""
+    matmul is ~200x slower, and bfloat16 has none. On the GPU cuBLAS multiplies 16-bit inputs
+    with a float32 accumulator; CuPy's ``@`` rounds the result to 16 bits, so a float32 result
+    comes from ``kernels/gemm.py`` (a cuBLAS GEMM writing float32), or, with the kernels off, from
+    a float32 product of the cast-up inputs (the same numbers, without tensor cores)."""
     half = a.dtype if a.dtype.itemsize == 2 else b.dtype if b.dtype.itemsize == 2 else None
-    if half is not None and not backend.is_gpu():
-        return (mm_operand(a) @ mm_operand(b)).astype(dtype or half, copy=False)
-    out = a @ b
-    return out if dtype is None else out.astype(dtype, copy=False)
+    if half is None:
+        out = a @ b
+        return out if dtype is None else out.astype(dtype, copy=False)
+    out_dtype = xp.dtype(dtype or half)
+    if not backend.is_gpu():
+        return (mm_operand(a) @ mm_operand(b)).astype(out_dtype, copy=False)
+    if kernels.enabled() and a.dtype == b.dtype:
+        return kernels.matmul(a, b, out_dtype)
+    if out_dtype.itemsize == 2 and a.dtype == b.dtype:
+        return a @ b                                      # cuBLAS: float32 accumulator, rounded once
+    return (upcast(a) @ upcast(b)).astype(out_dtype, copy=False)
 
 
 def _swap(a):
@@ -420,12 +431,15 @@ class GetItem(Function):
 
     @staticmethod
     def backward(ctx, g):
-        out = xp.zeros(ctx.shape, dtype=g.dtype)
-        if ctx.advanced:
-            xp.add.at(out, ctx.index, g)
-        else:
+        if not ctx.advanced:
+            out = xp.zeros(ctx.shape, dtype=g.dtype)
             out[ctx.index] = g
-        return out
+            return out
+        # Repeated indices add up in float32 for 16-bit gradients: more accurate, and CuPy's
+        # add.at has no bfloat16 (atomics exist for float16/32/64 only).
+        out = xp.zeros(ctx.shape, dtype=acc_dtype(g.dtype))
+        xp.add.at(out, ctx.index, g.astype(out.dtype, copy=False))
+        return out.astype(g.dtype, copy=False)
 
 
 def getitem(a, index):
@@ -527,6 +541,8 @@ class Embedding(Function):
         if ids.size * V <= 1 << 22:  # small vocabulary: one matmul with a one-hot matrix beats a scatter
             onehot = (ids[None, :] == xp.arange(V)[:, None]).astype(rows.dtype)  # (V, N)
             gw = onehot @ rows                                # (V, C)
+        elif kernels.enabled():  # the GPU: sorted segments, not atomics, so the sums are deterministic
+            gw = kernels.embedding_backward(ids, rows, V)
         else:
             gw = xp.zeros(ctx.shape, dtype=rows.dtype)
             xp.add.at(gw, ids, rows)
@@ -534,13 +550,13 @@ class Embedding(Function):
 
 
 class Dropout(Function):
-    """Zero each element with probability p, scale the rest by 1/(1-p). The mask comes from an
-    explicit numpy Generator so runs are reproducible and resumable."""
+    """Zero each element with probability p, scale the rest by 1/(1-p). ``masks.mask(shape, p)``
+    gives the boolean keep-mask (``functional.dropout`` adapts a numpy Generator to that), so
+    runs are reproducible and resumable."""
 
     @staticmethod
-    def forward(ctx, a, p, rng):
-        keep = rng.random(a.shape, dtype="float32") >= p
-        mask = backend.asarray(keep).astype(a.dtype)
+    def forward(ctx, a, p, masks):
+        mask = masks.mask(a.shape, p).astype(a.dtype)
         mask *= xp.asarray(1.0 / (1.0 - p), dtype=a.dtype)  # a Python float would turn bfloat16 into float32
         ctx.save_for_backward(mask)
         return a * mask

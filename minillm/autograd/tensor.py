@@ -116,8 +116,13 @@ class Tensor:
         return _HookHandle(self._hooks, hook)
 
     # ----------------------------------------------------------------- backward
-    def backward(self, grad=None, retain_graph=False):
-        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``."""
+    def backward(self, grad=None, retain_graph=False, defer=None):
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        ``defer``: a ``DeferredWeightGrads`` queue. Ops that can split their backward (those with
+        ``backward_input`` / ``backward_weight``, e.g. Linear) then compute only the gradient of
+        their input now and leave their weights' gradients in the queue, computed when the queue
+        is ``run()`` (zero-bubble pipeline schedules run them in the pipeline's idle time)."""
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad: no input of the "
                                "ops that made it has requires_grad=True (or it was made under no_grad)")
@@ -139,7 +144,8 @@ class Tensor:
             _accumulate_leaf(self, grad)
             return
         grads = {id(self): grad}
-        for node in reversed(order):
+        while order:  # outputs first; popping lets each node's array go once its backward ran
+            node = order.pop()
             g = grads.pop(id(node), None)
             ctx = node._ctx
             if g is None:  # no gradient reached this node: its leaves get no contribution from it
@@ -147,12 +153,17 @@ class Tensor:
                     if need and parent._ctx is None:
                         _leaf_use_done(parent, leaf_uses)
                 continue
-            in_grads = ctx.fn.backward(ctx, g)
+            later = defer is not None and defer.takes(ctx)
+            if later:  # input gradient now, weight gradients queued (ctx stays alive in the queue)
+                in_grads = ctx.fn.backward_input(ctx, g)
+                defer.add(ctx, g, leaf_uses)
+            else:
+                in_grads = ctx.fn.backward(ctx, g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
-            for parent, pg, need in zip(ctx.parents, in_grads, ctx.needs_input_grad):
+            for k, (parent, pg, need) in enumerate(zip(ctx.parents, in_grads, ctx.needs_input_grad)):
                 if not need or pg is None:
-                    if need and parent._ctx is None:
+                    if need and parent._ctx is None and not (later and k in ctx.fn.weight_inputs):
                         _leaf_use_done(parent, leaf_uses)
                     continue
                 pg = unbroadcast(pg, parent.data.shape)
@@ -165,8 +176,9 @@ class Tensor:
             if not retain_graph:
                 node._ctx = None
                 node._graph_freed = True
-                ctx.saved_tensors = ()
-                ctx.parents = ()
+                if not later:
+                    ctx.saved_tensors = ()
+                    ctx.parents = ()
 
     # ----------------------------------------------------------------- operators
     def __add__(self, other): return _ops().Add.apply(self, _lift(other, self))
@@ -310,6 +322,59 @@ def _leaf_use_done(leaf, leaf_uses):
     if left == 0 and leaf._hooks:
         for hook in list(leaf._hooks):
             hook(leaf)
+
+
+class DeferredWeightGrads:
+    """Weight gradients left for later by a split backward (``Tensor.backward(defer=queue)``).
+
+    A zero-bubble pipeline schedule cuts each micro-batch's backward in two: B, the gradient of
+    the stage's input (the next stage upstream waits for it), and W, the gradients of the
+    weights (nobody waits for them). B runs ``backward(defer=queue)``: every op whose Function
+    defines ``backward_input``/``backward_weight`` and whose ``weight_inputs`` are leaves returns
+    the input gradient now and leaves a closure here; ``run()`` is W. Until then each queued op
+    keeps what it saved (the activation memory that deferring W costs, ``nbytes``). Gradient
+    hooks of a weight fire in W, when its last use is done.
+    """
+
+    def __init__(self):
+        self.items = []
+
+    def takes(self, ctx) -> bool:
+        """Whether this op's weight gradients can wait: it splits, and those inputs are leaves
+        that need a gradient (a weight computed by other ops must pass its gradient on now)."""
+        wanted = [k for k in ctx.fn.weight_inputs if k < len(ctx.parents) and ctx.needs_input_grad[k]]
+        return bool(wanted) and all(ctx.parents[k]._ctx is None for k in wanted)
+
+    def add(self, ctx, g, leaf_uses):
+        self.items.append((ctx, g, leaf_uses))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of arrays the queued closures hold (saved inputs and output gradients)."""
+        seen, total = set(), 0
+        for ctx, g, _ in self.items:
+            for a in (*ctx.saved_tensors, g):
+                if backend.is_array(a) and id(a) not in seen:
+                    seen.add(id(a))
+                    total += a.nbytes
+        return total
+
+    def __len__(self):
+        return len(self.items)
+
+    def run(self):
+        """Compute and accumulate every queued weight gradient (W), oldest first."""
+        items, self.items = self.items, []
+        for ctx, g, leaf_uses in items:
+            grads = ctx.fn.backward_weight(ctx, g)
+            for k, pg in zip(ctx.fn.weight_inputs, grads):
+                if k >= len(ctx.parents) or not ctx.needs_input_grad[k]:
+                    continue
+                leaf = ctx.parents[k]
+                if pg is not None:
+                    _accumulate_leaf(leaf, unbroadcast(pg, leaf.data.shape))
+                _leaf_use_done(leaf, leaf_uses)
+            ctx.saved_tensors, ctx.parents = (), ()
 
 
 def saved_bytes(root, exclude_ids=()):

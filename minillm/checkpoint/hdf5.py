@@ -72,7 +72,7 @@ def _json_default(v):
     raise TypeError(f"cannot store a {type(v).__name__} in a checkpoint")
 
 
-def _text(v) -> str:
+def attr_text(v) -> str:
     """An attribute value as str (fixed-length strings come back from h5py as bytes)."""
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -88,7 +88,7 @@ def _put_json(w: ArrayWriter, g: h5py.Group, name: str, text: str):
 def _get_json(g: h5py.Group, name: str, where: str):
     if name in g.attrs:
         return json.loads(g.attrs[name])
-    return _read_dataset(g[name], where)
+    return read_dataset(g[name], where)
 
 
 def _write_array(w: ArrayWriter, g: h5py.Group, name: str, a: np.ndarray,
@@ -233,7 +233,9 @@ def _check_version(f: h5py.File, path: Path):
                         f"use the minillm version that wrote it")
 
 
-def _read_dataset(ds: h5py.Dataset, name: str, keep: bool = True):
+def read_dataset(ds: h5py.Dataset, name: str, keep: bool = True):
+    """The array (or JSON value, bytes, scalar) stored in dataset ``ds``, checksums verified;
+    ``name`` is its path for error messages. ``keep=False`` only verifies."""
     try:
         a = ds[()]
     except OSError as e:
@@ -242,7 +244,7 @@ def _read_dataset(ds: h5py.Dataset, name: str, keep: bool = True):
         raise _Corrupt(f"cannot read dataset {name} ({e})") from None
     if not keep:
         return None
-    kind, ml_dtype = _text(ds.attrs.get(_KIND, "")), _text(ds.attrs.get(_DTYPE, ""))
+    kind, ml_dtype = attr_text(ds.attrs.get(_KIND, "")), attr_text(ds.attrs.get(_DTYPE, ""))
     if ml_dtype:
         import ml_dtypes
         a = a.view(getattr(ml_dtypes, ml_dtype))
@@ -272,16 +274,27 @@ def _walk(g: h5py.Group, where: str, keep: bool, skip=frozenset()):
             if key in g:
                 obj = g[key]
                 out[key] = (_walk(obj, name, keep, skip) if isinstance(obj, h5py.Group)
-                            else _read_dataset(obj, name, keep))
+                            else read_dataset(obj, name, keep))
             elif key in g.attrs:
                 out[key] = json.loads(g.attrs[key])
             else:
                 raise _Corrupt(f"entry {name} is missing")
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise _Corrupt(f"cannot read {name} ({e})") from None
-    if _text(g.attrs.get(_KIND, "")) == "list":
+    if attr_text(g.attrs.get(_KIND, "")) == "list":
         return [out[str(i)] for i in range(len(order))]
     return out
+
+
+def read_group(f: h5py.File, name: str) -> dict:
+    """The nested dict stored under top-level group ``name`` of an open file ({} if absent)."""
+    return _walk(f[name], name, keep=True) if name in f else {}
+
+
+def file_header(f: h5py.File) -> dict:
+    """The root attributes of an open file: format_version, minillm_version, created."""
+    return {k: (int(v) if k == "format_version" else attr_text(v))
+            for k, v in f.attrs.items() if k in _ROOT_ATTRS}
 
 
 def load_checkpoint(path, exclude=()) -> dict:
@@ -303,8 +316,7 @@ def verify_checkpoint(path) -> None:
 def checkpoint_header(path) -> dict:
     """The root attributes: format_version, minillm_version, created."""
     with open_checkpoint(path) as f:
-        return {k: (int(v) if k == "format_version" else _text(v))
-                for k, v in f.attrs.items() if k in _ROOT_ATTRS}
+        return file_header(f)
 
 
 def _datasets(g: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Dataset]]:
@@ -315,7 +327,7 @@ def _datasets(g: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Datas
         name = f"{prefix}{key}"
         if isinstance(obj, h5py.Group):
             yield from _datasets(obj, name + "/")
-        elif _text(obj.attrs.get(_KIND, "")) != "json":
+        elif attr_text(obj.attrs.get(_KIND, "")) != "json":
             yield name, obj
 
 
@@ -329,7 +341,7 @@ def iter_tensors(path, group: str = "model") -> Iterator[tuple[str, np.ndarray]]
         if group not in f or not isinstance(f[group], h5py.Group):
             raise UserError(f"checkpoint {path} has no group {group!r}")
         for name, ds in _datasets(f[group]):
-            yield name, _read_dataset(ds, f"{group}/{name}")
+            yield name, read_dataset(ds, f"{group}/{name}")
 
 
 def read_tensor(path, name: str, group: str = "model") -> np.ndarray:
@@ -339,7 +351,7 @@ def read_tensor(path, name: str, group: str = "model") -> np.ndarray:
         if full not in f or not isinstance(f[full], h5py.Dataset):
             raise UserError(f"checkpoint {path} has no tensor {full!r}; "
                             f"see `minillm inspect {path}` for the names it holds")
-        return _read_dataset(f[full], full)
+        return read_dataset(f[full], full)
 
 
 def tensor_infos(f: h5py.File, group: str) -> list[tuple[str, h5py.Dataset]]:

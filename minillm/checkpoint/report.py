@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minillm.checkpoint.hdf5 import _read_dataset, _text, _walk, open_checkpoint, tensor_infos
+from minillm.checkpoint.hdf5 import file_header, open_checkpoint, read_dataset, read_group, tensor_infos
 from minillm.errors import ConfigError
 
 
@@ -31,19 +31,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _section(f, name: str) -> dict:
-    return _walk(f[name], name, keep=True) if name in f else {}
-
-
 def inspect_checkpoint(path) -> str:
     """A readable report: header, progress, config, every model tensor, optimizer summary."""
     path = Path(path)
     lines = []
     with open_checkpoint(path) as f:
-        meta = _section(f, "meta")
-        config = _section(f, "config")
-        head = {k: _text(f.attrs.get(k, "?")) for k in ("format_version", "minillm_version",
-                                                         "created")}
+        meta = read_group(f, "meta")
+        config = read_group(f, "config")
+        head = {k: "?" for k in ("format_version", "minillm_version", "created")} | file_header(f)
         lines += [f"checkpoint     {path} ({_size(path.stat().st_size)})",
                   f"format         version {head['format_version']}, written by minillm "
                   f"{head['minillm_version']} at {head['created']}"]
@@ -68,7 +63,7 @@ def inspect_checkpoint(path) -> str:
         rows = []
         total = 0
         for name, ds in tensors:  # one tensor in memory at a time
-            a = _read_dataset(ds, f"model/{name}")
+            a = read_dataset(ds, f"model/{name}")
             norm = math.sqrt(float(np.sum(np.square(a, dtype=np.float64)))) if a.size else 0.0
             rows.append((name, str(tuple(a.shape)), str(a.dtype), f"{norm:.6g}"))
             total += a.size

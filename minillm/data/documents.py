@@ -27,12 +27,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minillm.data.sources import NAMED_SOURCES, load_source
+from minillm.choices import BAD_UTF8, DOC_SEPS, NAMED_SOURCES, BadUTF8, DocSep
+from minillm.data.sources import load_source
 from minillm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl",)
-DOC_SEPS = ("eot", "blank")
 _SEP = {"eot": re.compile(re.escape("<|endoftext|>")), "blank": re.compile(r"\n(?:[ \t]*\n)+")}
 _BAD = re.compile("[\ud800-\udfff]")          # undecodable bytes (surrogateescape) or lone surrogates
 _BLOCK = 1 << 18
@@ -40,16 +40,16 @@ _BLOCK = 1 << 18
 
 @dataclass
 class ReadConfig:
-    doc_sep: str = "eot"
+    doc_sep: DocSep = "eot"
     text_field: str = "text"
-    bad_utf8: str = "error"                 # "error" | "skip"
+    bad_utf8: BadUTF8 = "error"
     max_doc_chars: int = 1_000_000
 
     def __post_init__(self):
         if self.doc_sep not in DOC_SEPS:
             raise UserError(f"--doc-sep {self.doc_sep!r} is not one of: {', '.join(DOC_SEPS)}")
-        if self.bad_utf8 not in ("error", "skip"):
-            raise UserError(f"--bad-utf8 {self.bad_utf8!r} must be 'error' or 'skip'")
+        if self.bad_utf8 not in BAD_UTF8:
+            raise UserError(f"--bad-utf8 {self.bad_utf8!r} is not one of: {', '.join(BAD_UTF8)}")
         if int(self.max_doc_chars) < 1000:
             raise UserError(f"--max-doc-chars {self.max_doc_chars} must be >= 1000")
 

@@ -33,11 +33,10 @@ from collections import Counter
 from itertools import compress
 from dataclasses import dataclass, fields
 
+from minillm.choices import FILTER_RULES
 from minillm.errors import UserError
 
-RULES = ("min_words", "max_words", "mean_word_length", "symbol_ratio", "bullet_lines",
-         "ellipsis_lines", "alpha_words", "stop_words", "dup_lines", "dup_line_chars",
-         "top_2gram", "lorem_ipsum")
+RULES = FILTER_RULES  # the one list, in the order rules are tried: minillm.choices
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 BULLETS = ("•", "-", "*", "‣", "◦", "·", "–")
 _HAS_LETTER = re.compile(r"[^\W\d_]")   # word characters that are not digits or "_"

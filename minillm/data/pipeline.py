@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from minillm import __version__
+from minillm.choices import DEDUP_MODES, Tokenizer
 from minillm.data import stages
 from minillm.data.dedup import DedupConfig, exact_duplicates, near_duplicates
 from minillm.data.documents import ReadConfig, ReadStats, iter_documents, list_sources, source_fingerprint
@@ -50,7 +51,7 @@ FORMAT = 1
 class PrepareConfig:
     sources: tuple = ("pydocs",)
     out_dir: str = "data/corpus"
-    tokenizer: str = "char"
+    tokenizer: Tokenizer = "char"
     vocab_size: int | None = None          # bpe only (default 512)
     tokenizer_from: str | None = None      # a tokenizer.json (or a dataset dir holding one)
     tokenizer_sample_mb: float = 64.0      # bpe: text it is trained on
@@ -315,8 +316,8 @@ def config_from_args(args) -> PrepareConfig:
     if args.dedup or args.dedup_mode or any(v is not None for v in (
             args.dedup_threshold, args.dedup_bands, args.dedup_rows, args.dedup_ngram)):
         mode = args.dedup_mode or "both"
-        if mode not in ("both", "exact", "near"):
-            raise UserError(f"--dedup-mode {mode!r} must be both, exact or near")
+        if mode not in DEDUP_MODES:
+            raise UserError(f"--dedup-mode {mode!r} is not one of: {', '.join(DEDUP_MODES)}")
         dedup = DedupConfig(exact=mode != "near", near=mode != "exact", **given(
             threshold=args.dedup_threshold, bands=args.dedup_bands, rows=args.dedup_rows,
             ngram=args.dedup_ngram))

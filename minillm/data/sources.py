@@ -12,12 +12,12 @@ import os
 import urllib.request
 from pathlib import Path
 
+from minillm.choices import NAMED_SOURCES
 from minillm.errors import UserError
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
-NAMED_SOURCES = ("pydocs", "shakespeare")
 
 
 def pydocs_text() -> str:

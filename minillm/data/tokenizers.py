@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm.choices import TOKENIZERS
 from minillm.data.bpe_train import train_bpe
 from minillm.data.pretokenize import GPT2_PATTERN, safe_chunks, split_specials, split_words
 from minillm.errors import UserError
@@ -29,7 +30,7 @@ from minillm.errors import UserError
 TOKENIZER_FILE = "tokenizer.json"
 ENDOFTEXT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB = 512
-TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+TOKENIZER_KINDS = TOKENIZERS  # the one list: minillm.choices
 
 
 def _write_json_atomic(path: Path, obj) -> None:

@@ -1,18 +1,16 @@
-"""minillm.distributed: MPI communication, the ring all-reduce, data and pipeline parallelism, ZeRO-1.
+"""minillm.distributed: everything that crosses processes, one job per module.
 
-``comm.py`` is the only file that imports mpi4py (lazily: importing minillm never starts MPI).
+- ``comm.py``        the only file that imports mpi4py (lazily: importing minillm never starts MPI):
+                     ``Comm`` over an MPI communicator, ``SerialComm`` for a world of one
+- ``launch.py``      an error on any rank ends every rank (never a hang)
+- ``topology.py``    the (dp, pp) grid of ranks and the pipeline partition
+- ``grad_sync.py``   the gradient-sync interface (``GradSync``) and ``LocalSync``
+- ``data_parallel.py``  ``DataParallel``: bucketed all-reduce overlapped with backward
+- ``ring.py``        the hand-written ring all-reduce
+- ``zero.py``        ZeRO-1: optimizer state sharded over data-parallel ranks
+- ``pipeline_schedule.py``  pipeline schedules as pure step lists, and their simulator
+- ``pipeline.py``    the pipeline engine that runs a schedule across stages
+- ``timeline.py``    what a pipeline rank did during a step, for plots
+
+Import the modules themselves (``from minillm.distributed.comm import get_world_comm``).
 """
-from minillm.distributed.comm import (Comm, Request, SerialComm, exit_with_error, get_world_comm,
-                                      install_abort_handler, mpi_available, require_mpi, wait_all)
-from minillm.distributed.data_parallel import DataParallel
-from minillm.distributed.pipeline import PipelineEngine
-from minillm.distributed.ring import ring_allreduce_
-from minillm.distributed.topology import Topology, make_topology
-from minillm.distributed.zero import ShardLayout, ZeroAdamW, ZeroSync, optimizer_state_nbytes
-
-__all__ = [
-    "Comm", "SerialComm", "Request", "wait_all", "get_world_comm", "mpi_available", "require_mpi",
-    "install_abort_handler", "exit_with_error", "ring_allreduce_", "DataParallel",
-    "PipelineEngine", "Topology", "make_topology", "ShardLayout", "ZeroAdamW", "ZeroSync",
-    "optimizer_state_nbytes",
-]

@@ -6,22 +6,19 @@ the same interface for a world of one process, so a trainer written against ``Co
 unchanged without MPI. The communicator is always passed explicitly; nothing here is global.
 
 Arrays may live on the GPU (CuPy). When the MPI library is CUDA-aware their device memory goes
-straight to MPI; otherwise it is staged through a host NumPy copy. NumPy arrays are always
-handed to MPI as they are (zero-copy), so they must be C-contiguous.
+straight to MPI; otherwise it is staged through reused pinned host buffers, copied on a side
+stream (``staging.py``). NumPy arrays are always handed to MPI as they are (zero-copy), so they
+must be C-contiguous.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
 import os
-import sys
-import threading
-import time
-import traceback
 
 import numpy
 
-from minillm import backend
+from minillm.distributed.staging import DeviceBuffers, Staged
 from minillm.errors import UserError
 
 _OPS = ("sum", "max", "min", "prod")
@@ -97,19 +94,70 @@ def _cuda_aware(MPI) -> bool:
     return False
 
 
+def _both(first, second):
+    """One ``finish`` for a request that staged two buffers (either may have none)."""
+    if first is None or second is None:
+        return first or second
+    return lambda: (first(), second())
+
+
+class _Ready:
+    """Done when every staged buffer's copy is done (the event ``Request`` waits for)."""
+
+    def __init__(self, events):
+        self.events = events
+
+    @property
+    def done(self) -> bool:
+        return all(e.done for e in self.events)
+
+    def synchronize(self) -> None:
+        for e in self.events:
+            e.synchronize()
+
+
+def _ready(*staged):
+    events = [st.ready for st in staged if st.ready is not None]
+    return None if not events else events[0] if len(events) == 1 else _Ready(events)
+
+
 class Request:
     """A pending non-blocking operation. ``wait()`` blocks until it is complete (calling it again
-    does nothing); ``finish`` then copies a staged host buffer back to the device, if any."""
+    does nothing); ``finish`` then copies a staged host buffer back to the device, if any.
 
-    def __init__(self, mpi_request=None, finish=None, keep=None):
+    A device array's operation may have to wait for its copy to the host (staging) or for the
+    kernels that wrote it: then ``start`` (which begins the MPI operation) runs once the event
+    ``ready`` is done, from ``test()`` when it finds it done or from ``wait()``.
+    """
+
+    def __init__(self, mpi_request=None, finish=None, keep=None, start=None, ready=None):
         self._req = mpi_request
         self._finish = finish
+        self._start, self._ready = start, ready
         self._keep = keep  # buffers MPI is still reading or writing must stay alive until done
-        self.done = mpi_request is None and finish is None
+        self.done = mpi_request is None and finish is None and start is None
+        if start is not None:
+            self._begin(block=False)  # at once, unless it must wait for a device copy first
+
+    @property
+    def started(self) -> bool:
+        """Whether the MPI operation has begun (it has, unless it waits for a device copy)."""
+        return self._start is None
+
+    def _begin(self, block: bool) -> bool:
+        if self._start is None:
+            return True
+        if self._ready is not None and not self._ready.done:
+            if not block:
+                return False
+            self._ready.synchronize()
+        self._req, self._start, self._ready = self._start(), None, None
+        return True
 
     def wait(self) -> None:
         if self.done:
             return
+        self._begin(block=True)
         if self._req is not None:
             self._req.Wait()
         if self._finish is not None:
@@ -119,7 +167,7 @@ class Request:
 
     def test(self) -> bool:
         """True (and finished) when the operation has completed; never blocks."""
-        if not self.done and (self._req is None or self._req.Test()):
+        if not self.done and self._begin(block=False) and (self._req is None or self._req.Test()):
             self._req = None
             self.wait()
         return self.done
@@ -141,31 +189,37 @@ class Comm:
         self._comm = mpi_comm
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
-        self._cuda_aware = None  # asked once, on the first device array
+        self._device = None  # DeviceBuffers, made on the first device array
 
     def __repr__(self):
         return f"Comm(rank={self.rank}, size={self.size})"
 
     # --- buffers ------------------------------------------------------------------------------
-    def _buffer(self, a, write_back: bool):
-        """(what to hand to MPI, what to run after MPI is done with it)."""
+    def _stage(self, a, read: bool = True, write_back: bool = True) -> Staged:
+        """What MPI works on for ``a``: a NumPy array as it is (zero-copy); a device array
+        directly (CUDA-aware MPI) or through a pinned host buffer (``staging.py``)."""
         if isinstance(a, numpy.ndarray):
             if not a.flags.c_contiguous:
                 raise ValueError("MPI buffers must be C-contiguous arrays (use xp.ascontiguousarray)")
-            return a, None
-        backend.synchronize()  # the kernels that wrote ``a`` must finish before MPI reads it
-        if self._cuda_aware is None:
-            self._cuda_aware = _cuda_aware(self._MPI)
-        if self._cuda_aware:
-            if not a.flags.c_contiguous:
-                raise ValueError("MPI buffers must be C-contiguous arrays (use xp.ascontiguousarray)")
-            return a, None
-        host = numpy.ascontiguousarray(backend.to_numpy(a))  # a host copy (blocks until copied)
+            return Staged(a)
+        if self._device is None:  # asked once, on the first device array
+            self._device = DeviceBuffers(_cuda_aware(self._MPI))
+        return self._device.prepare(a, read, write_back)
 
-        def copy_back():
-            a[...] = backend.asarray(host)
+    def _blocking(self, st: Staged, call):
+        st.wait_ready()
+        call(st.buf)
+        if st.finish:
+            st.finish()
 
-        return host, (copy_back if write_back else None)
+    def _nonblocking(self, st: Staged, call) -> Request:
+        return Request(finish=st.finish, keep=st.buf, start=lambda: call(st.buf), ready=st.ready)
+
+    @staticmethod
+    def _movable(a):
+        """``a`` as MPI can move it: bfloat16 (unknown to MPI and DLPack) as its 16-bit pattern.
+        Only for collectives that copy data; reductions need a type MPI can add."""
+        return a.view(numpy.uint16) if a.dtype.kind == "V" and a.dtype.itemsize == 2 else a
 
     def _op(self, op):
         MPI = self._MPI
@@ -176,24 +230,21 @@ class Comm:
         self._comm.Barrier()
 
     def bcast_(self, a, root: int = 0):
-        buf, finish = self._buffer(a, write_back=True)
-        self._comm.Bcast(buf, root=root)
-        if finish:
-            finish()
+        self._blocking(self._stage(a), lambda buf: self._comm.Bcast(buf, root=root))
         return a
 
     def allreduce_(self, a, op: str = "sum"):
-        buf, finish = self._buffer(a, write_back=True)
-        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._op(op))
-        if finish:
-            finish()
+        mpi_op = self._op(op)
+        self._blocking(self._stage(a), lambda buf: self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=mpi_op))
         return a
 
     def iallreduce_(self, a, op: str = "sum") -> Request:
-        """Start an in-place all-reduce; ``a`` holds the result once ``.wait()`` returns."""
-        buf, finish = self._buffer(a, write_back=True)
-        req = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._op(op))
-        return Request(req, finish, keep=buf)
+        """Start an in-place all-reduce; ``a`` holds the result once ``.wait()`` returns. For a
+        device array the copy to the host (staging) runs on a side stream and MPI starts once it
+        is done: call ``test()`` now and then, or ``wait()``."""
+        mpi_op = self._op(op)
+        return self._nonblocking(self._stage(a), lambda buf: self._comm.Iallreduce(
+            self._MPI.IN_PLACE, buf, op=mpi_op))
 
     def reduce_scatter_(self, a, counts, op: str = "sum"):
         """Reduce the 1-D array ``a`` over the ranks, keeping only this rank's part.
@@ -204,12 +255,15 @@ class Comm:
         Half the traffic of an all-reduce: nobody receives the parts it does not need.
         """
         lo, hi = _part(a, counts, self.rank, self.size)
-        send, _ = self._buffer(a, write_back=False)
+        mpi_op = self._op(op)
+        send = self._stage(a, write_back=False)
         out = a[lo:hi].copy()  # MPI needs a receive buffer apart from the send buffer
-        recv, finish = self._buffer(out, write_back=True)
-        self._comm.Reduce_scatter(send, recv, recvcounts=list(counts), op=self._op(op))
-        if finish:
-            finish()
+        recv = self._stage(out, read=False)
+        send.wait_ready()
+        self._blocking(recv, lambda rbuf: self._comm.Reduce_scatter(send.buf, rbuf,
+                                                                    recvcounts=list(counts), op=mpi_op))
+        if send.finish:
+            send.finish()
         a[lo:hi] = out
         return a[lo:hi]
 
@@ -218,11 +272,43 @@ class Comm:
         (as in ``reduce_scatter_``); afterwards every rank's ``a`` holds every rank's part."""
         _part(a, counts, self.rank, self.size)
         displs = numpy.cumsum([0, *counts[:-1]]).tolist()
-        buf, finish = self._buffer(a, write_back=True)
-        self._comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), displs)])
-        if finish:
-            finish()
+        self._blocking(self._stage(a), lambda buf: self._comm.Allgatherv(
+            self._MPI.IN_PLACE, [buf, (list(counts), displs)]))
         return a
+
+    def ireduce_scatter(self, send, recv, counts, op: str = "sum") -> Request:
+        """Start a reduce-scatter: ``recv`` (``counts[rank]`` elements) receives the reduction over
+        the ranks of part ``rank`` of the 1-D ``send`` (cut as in ``reduce_scatter_``) once
+        ``.wait()`` returns. ``send`` must stay unchanged until then."""
+        _part(send, counts, self.rank, self.size)
+        if recv.size != counts[self.rank]:
+            raise ValueError(f"recv has {recv.size} elements, rank {self.rank}'s part {counts[self.rank]}")
+        s = self._stage(send, write_back=False)
+        r = self._stage(recv, read=False)
+        mpi_op = self._op(op)
+        return Request(finish=_both(s.finish, r.finish), keep=(s.buf, r.buf), ready=_ready(s, r),
+                       start=lambda: self._comm.Ireduce_scatter(s.buf, r.buf, recvcounts=list(counts),
+                                                                op=mpi_op))
+
+    def iallgather_(self, a, counts, part=None) -> Request:
+        """Start an all-gather into the 1-D array ``a`` (cut into ``counts`` as in
+        ``allgather_``): once ``.wait()`` returns, ``a`` holds every rank's part. This rank
+        contributes ``part`` (``counts[rank]`` elements), or by default its own slot of ``a``."""
+        lo, hi = _part(a, counts, self.rank, self.size)
+        displs = numpy.cumsum([0, *counts[:-1]]).tolist()
+        a = self._movable(a)
+        part = None if part is None else self._movable(part)
+        whole = self._stage(a, read=part is None)
+        if part is None:
+            return Request(finish=whole.finish, keep=whole.buf, ready=whole.ready,
+                           start=lambda: self._comm.Iallgatherv(self._MPI.IN_PLACE,
+                                                                [whole.buf, (list(counts), displs)]))
+        if part.size != hi - lo:
+            raise ValueError(f"part has {part.size} elements, rank {self.rank}'s slot {hi - lo}")
+        mine = self._stage(part, write_back=False)
+        return Request(finish=_both(mine.finish, whole.finish), keep=(mine.buf, whole.buf),
+                       ready=_ready(mine, whole),
+                       start=lambda: self._comm.Iallgatherv(mine.buf, [whole.buf, (list(counts), displs)]))
 
     def allreduce_scalar(self, x, op: str = "sum") -> float:
         buf = numpy.array([float(x)], dtype=numpy.float64)
@@ -239,34 +325,32 @@ class Comm:
 
     # --- point to point -----------------------------------------------------------------------
     def send(self, a, dest: int, tag: int = 0) -> None:
-        buf, _ = self._buffer(a, write_back=False)
-        self._comm.Send(buf, dest=dest, tag=tag)
+        self._blocking(self._stage(a, write_back=False), lambda buf: self._comm.Send(buf, dest=dest, tag=tag))
 
     def recv(self, a, source: int, tag: int = 0):
         """Receive into the preallocated array ``a`` (shape and dtype must match the message)."""
-        buf, finish = self._buffer(a, write_back=True)
-        self._comm.Recv(buf, source=source, tag=tag)
-        if finish:
-            finish()
+        self._blocking(self._stage(a, read=False), lambda buf: self._comm.Recv(buf, source=source, tag=tag))
         return a
 
     def isend(self, a, dest: int, tag: int = 0) -> Request:
-        buf, _ = self._buffer(a, write_back=False)
-        return Request(self._comm.Isend(buf, dest=dest, tag=tag), None, keep=buf)
+        return self._nonblocking(self._stage(a, write_back=False),
+                                 lambda buf: self._comm.Isend(buf, dest=dest, tag=tag))
 
     def irecv(self, a, source: int, tag: int = 0) -> Request:
-        buf, finish = self._buffer(a, write_back=True)
-        return Request(self._comm.Irecv(buf, source=source, tag=tag), finish, keep=buf)
+        return self._nonblocking(self._stage(a, read=False),
+                                 lambda buf: self._comm.Irecv(buf, source=source, tag=tag))
 
     def sendrecv(self, send, dest: int, recv, source: int, sendtag: int = 0, recvtag: int | None = None):
         """Send ``send`` to ``dest`` while receiving into ``recv`` from ``source`` (no deadlock
         when every rank does this at once, as in a ring). Returns ``recv``."""
-        sbuf, _ = self._buffer(send, write_back=False)
-        rbuf, finish = self._buffer(recv, write_back=True)
-        self._comm.Sendrecv(sbuf, dest=dest, sendtag=sendtag, recvbuf=rbuf, source=source,
-                            recvtag=sendtag if recvtag is None else recvtag)
-        if finish:
-            finish()
+        s = self._stage(send, write_back=False)
+        r = self._stage(recv, read=False)
+        s.wait_ready()
+        self._blocking(r, lambda rbuf: self._comm.Sendrecv(
+            s.buf, dest=dest, sendtag=sendtag, recvbuf=rbuf, source=source,
+            recvtag=sendtag if recvtag is None else recvtag))
+        if s.finish:
+            s.finish()
         return recv
 
     # --- structure and failure ----------------------------------------------------------------
@@ -274,12 +358,18 @@ class Comm:
         """Sub-communicators: ranks with the same ``color`` end up together, ordered by ``key``."""
         return Comm(self._comm.Split(color, key))
 
+    def node_rank_and_size(self) -> tuple[int, int]:
+        """(this process's rank among the processes on its node, how many there are), from MPI
+        itself: a shared-memory ``Split_type`` communicator. Collective."""
+        node = self._comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return node.Get_rank(), node.Get_size()
+        finally:
+            node.Free()
+
     def abort(self, code: int = 1) -> None:
-        """End every process of the job now (MPI_Abort), with exit status ``code``."""
-        _flush_std()
-        # mpiexec forwards our stderr through a pipe; MPI_Abort tears the job down at once, and
-        # the last message (the error we just printed) was sometimes lost: let it drain first
-        time.sleep(0.25)
+        """End every process of the job now (MPI_Abort), with exit status ``code``. Printing the
+        reason first, and letting it drain, is ``launch.exit_with_error``'s job."""
         self._comm.Abort(code)
 
 
@@ -325,6 +415,18 @@ class SerialComm:
         _part(a, counts, 0, 1)
         return a
 
+    def ireduce_scatter(self, send, recv, counts, op: str = "sum") -> Request:
+        _check_op(op)
+        lo, hi = _part(send, counts, 0, 1)
+        recv[...] = send[lo:hi]
+        return Request()
+
+    def iallgather_(self, a, counts, part=None) -> Request:
+        lo, hi = _part(a, counts, 0, 1)
+        if part is not None:
+            a[lo:hi] = part
+        return Request()
+
     def allreduce_scalar(self, x, op: str = "sum") -> float:
         _check_op(op)
         return float(x)
@@ -364,61 +466,8 @@ class SerialComm:
     def split(self, color: int, key: int = 0) -> "SerialComm":
         return SerialComm()
 
+    def node_rank_and_size(self) -> tuple[int, int]:
+        return 0, 1
+
     def abort(self, code: int = 1) -> None:
-        _flush_std()
         os._exit(code)
-
-
-# --- ending the whole job on an error -----------------------------------------------------------
-def _flush_std():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
-def format_error(comm, exc: BaseException, tb=None) -> tuple[str, int]:
-    """(text for stderr, exit code): a one-line ``error: ...`` (code 2) for a UserError, else the
-    traceback (code 1). With several ranks, every line but rank 0's user error names its rank."""
-    tag = f"[rank {comm.rank}] " if comm.size > 1 else ""
-    if isinstance(exc, UserError):
-        one_line = " ".join(str(exc).split())
-        return f"{tag if comm.rank != 0 else ''}error: {one_line}\n", 2
-    if isinstance(exc, KeyboardInterrupt):
-        return f"{tag}interrupted\n", 130
-    text = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
-    return "".join(tag + line for line in text.splitlines(keepends=True)), 1
-
-
-def exit_with_error(comm, exc: BaseException, tb=None):
-    """Print ``exc`` (see ``format_error``) and end the job: MPI_Abort when there are several
-    ranks (the others may be blocked in a collective; only an abort frees them), else exit."""
-    text, code = format_error(comm, exc, tb)
-    _flush_std()
-    sys.stderr.write(text)
-    _flush_std()
-    if comm.size > 1:
-        comm.abort(code)
-    os._exit(code)
-
-
-def install_abort_handler(comm) -> None:
-    """Make an uncaught exception on any rank, in any thread, end the whole job (never a hang).
-
-    A world of one keeps Python's own handling of bugs (exit code 1) and only turns a UserError
-    into the one-line message with exit code 2.
-    """
-    def hook(exc_type, exc, tb):
-        if comm.size == 1 and not isinstance(exc, UserError):
-            sys.__excepthook__(exc_type, exc, tb)
-            return
-        exit_with_error(comm, exc, tb)
-
-    def thread_hook(args):
-        if args.exc_type is SystemExit:
-            return
-        hook(args.exc_type, args.exc_value, args.exc_traceback)
-
-    sys.excepthook = hook
-    threading.excepthook = thread_hook

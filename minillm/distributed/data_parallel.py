@@ -18,8 +18,11 @@ How the averaging is made cheap (the same design as PyTorch's DistributedDataPar
   collectives to be called in the same order everywhere, whatever order the hooks fire in.
 - ``no_sync()`` turns the hooks off for gradient-accumulation micro-steps: gradients pile up
   locally in ``.grad`` and only the last backward (outside ``no_sync``) communicates.
+- Buckets sum in float32 when the parameters are 16-bit (MPI cannot add bfloat16, and a sum of
+  float16 gradients over ranks can overflow), else in the parameters' own dtype.
 
-The model knows nothing of this; the wrapper only adds hooks to its parameters.
+The model knows nothing of this: ``DataParallel`` is a ``GradSync`` (``grad_sync.py``) over the
+model's parameters; it only adds hooks to them.
 """
 from __future__ import annotations
 
@@ -29,11 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy
 
+from minillm import backend
+from minillm.autograd.ops import acc_dtype
 from minillm.backend import xp
+from minillm.choices import ALLREDUCES, one_of
+from minillm.distributed.grad_sync import GradSync
 from minillm.distributed.ring import ring_allreduce_
 from minillm.errors import ConfigError
-
-ALLREDUCE_KINDS = ("mpi", "ring")
+from minillm.nn.module import Module
 
 
 @dataclass
@@ -43,7 +49,7 @@ class Bucket:
     names: list[str]
     params: list
     offsets: list[int]       # where each parameter's gradient starts in ``flat``
-    flat: object             # 1-D xp array, the parameters' dtype
+    flat: object             # 1-D xp array: float32 for 16-bit parameters, else their dtype
     ready: set = field(default_factory=set)  # slots whose gradient has been copied in
     request: object = None   # the in-flight all-reduce, once launched
     launched: bool = False
@@ -65,39 +71,47 @@ class Bucket:
             self.slot(i)[...] = g
 
 
-def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
-    """Group parameters, last first, into buckets of at most ``bucket_mb`` MB (a parameter larger
-    than that gets a bucket of its own; a change of dtype starts a new bucket)."""
+def bucket_groups(named_params, bucket_mb: float) -> list[list]:
+    """(name, Parameter) pairs grouped, last first, into buckets of at most ``bucket_mb`` MB of
+    gradient (a parameter larger than that gets a bucket of its own; a change of summing dtype
+    starts a new bucket). DataParallel and ZeRO-2 bucket the same way."""
     cap = bucket_mb * 1024 * 1024
     groups, current, size, dtype = [], [], 0, None
     for name, p in reversed(list(named_params)):
-        nbytes = p.size * p.data.dtype.itemsize
-        if current and (size + nbytes > cap or p.data.dtype != dtype):
+        p_dtype = xp.dtype(acc_dtype(p.data.dtype))
+        nbytes = p.size * p_dtype.itemsize
+        if current and (size + nbytes > cap or p_dtype != dtype):
             groups.append(current)
             current, size = [], 0
         current.append((name, p))
         size += nbytes
-        dtype = p.data.dtype
+        dtype = p_dtype
     if current:
         groups.append(current)
+    return groups
+
+
+def make_buckets(named_params, bucket_mb: float) -> list[Bucket]:
+    """Buckets (``bucket_groups``) with their flat gradient buffers."""
     buckets = []
-    for group in groups:
+    for group in bucket_groups(named_params, bucket_mb):
         offsets = numpy.cumsum([0] + [p.size for _, p in group]).tolist()
-        flat = xp.zeros(offsets[-1], dtype=group[0][1].data.dtype)
+        flat = xp.zeros(offsets[-1], dtype=acc_dtype(group[0][1].data.dtype))
         buckets.append(Bucket([n for n, _ in group], [p for _, p in group], offsets[:-1], flat))
     return buckets
 
 
-class DataParallel:
-    """``DataParallel(model, comm, bucket_mb=25.0, allreduce="mpi" | "ring")``.
+class DataParallel(GradSync):
+    """``DataParallel(params, comm, bucket_mb=25.0, allreduce="mpi" | "ring")``: the gradients of
+    ``params`` (a model, or its (name, Parameter) pairs) averaged over the ranks of ``comm``.
 
-    Use it like the model; after each backward that should communicate call
-    ``finish_gradient_sync()`` before reading gradients::
+    After each backward that should communicate call ``finish_gradient_sync()`` before reading
+    gradients::
 
         dp = DataParallel(model, comm)
         for micro in range(grad_accum):
             with dp.no_sync() if micro < grad_accum - 1 else contextlib.nullcontext():
-                _, loss = dp(x[micro], y[micro])
+                _, loss = model(x[micro], y[micro])
                 (loss / grad_accum).backward()
         dp.finish_gradient_sync()       # every .grad is now the average over all ranks
         opt.step()
@@ -105,17 +119,17 @@ class DataParallel:
     ``last_wait_s``: seconds the last sync spent blocked on communication (for metrics).
     """
 
-    def __init__(self, model, comm, bucket_mb: float = 25.0, allreduce: str = "mpi"):
-        if allreduce not in ALLREDUCE_KINDS:
-            raise ConfigError(f"parallel.allreduce={allreduce!r} is not one of 'mpi', 'ring'")
+    def __init__(self, params, comm, bucket_mb: float = 25.0, allreduce: str = "mpi"):
+        one_of("parallel.allreduce", allreduce, ALLREDUCES)
         if not bucket_mb > 0:
             raise ConfigError(f"parallel.bucket_mb={bucket_mb} must be > 0 (e.g. 25)")
-        self.module = model
+        all_named = list(params.named_parameters() if isinstance(params, Module) else params)
         self.comm = comm
         self.allreduce = allreduce
         self.bucket_mb = float(bucket_mb)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._check_same_model(list(model.named_parameters()))
+        self._named = all_named
+        named = [(n, p) for n, p in all_named if p.requires_grad]
+        self._check_same_model(all_named)
         self.broadcast_parameters()
         self.check_parameters_equal()
 
@@ -129,18 +143,6 @@ class DataParallel:
         self._wait = 0.0
         self.last_wait_s = 0.0
         self.total_wait_s = 0.0
-
-    # ------------------------------------------------------------------ the model's face
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        return self.module.forward(*args, **kwargs)
-
-    def __getattr__(self, name):  # named_parameters, state_dict, generate, config, ...
-        if name == "module":
-            raise AttributeError(name)
-        return getattr(self.module, name)
 
     # ------------------------------------------------------------------ start: same weights
     def _check_same_model(self, named):
@@ -156,7 +158,7 @@ class DataParallel:
 
     def broadcast_parameters(self, root: int = 0):
         """Copy rank ``root``'s parameter values to every rank, in place."""
-        for _, p in self.module.named_parameters():
+        for _, p in self._named:
             if not p.data.flags.c_contiguous:
                 p.data = xp.ascontiguousarray(p.data)
             self.comm.bcast_(p.data, root=root)
@@ -164,12 +166,15 @@ class DataParallel:
     def check_parameters_equal(self):
         """Raise RuntimeError unless every rank holds bit-identical parameters (two checksums per
         parameter, compared with an all-reduce max and min)."""
-        named = list(self.module.named_parameters())
-        sums = numpy.empty((len(named), 2))
-        for k, (_, p) in enumerate(named):
+        named = self._named
+        if not named:
+            return
+        sums = []
+        for _, p in named:
             d = p.data.reshape(-1).astype(xp.float64)
             ramp = (xp.arange(d.size) % 251 + 1).astype(xp.float64)  # catches swapped elements
-            sums[k] = float(d.sum()), float((d * ramp).sum())
+            sums.append(xp.stack([d.sum(), (d * ramp).sum()]))
+        sums = backend.to_numpy(xp.stack(sums)).reshape(len(named), 2)  # one read of the device
         hi, lo = self.comm.allreduce_(sums.copy(), "max"), self.comm.allreduce_(sums.copy(), "min")
         same = (hi == lo) | (numpy.isnan(hi) & numpy.isnan(lo))
         bad = [named[k][0] for k in range(len(named)) if not same[k].all()]
@@ -221,10 +226,13 @@ class DataParallel:
         self._next += 1
 
     def _poke(self):
-        """Let MPI progress in-flight reductions (most MPI libraries only move data inside calls)."""
+        """Let MPI progress in-flight reductions (most MPI libraries only move data inside calls),
+        and start those whose device-to-host copy has finished (GPU staging), strictly in order."""
         for b in self.buckets[:self._next]:
             if b.request is not None:
                 b.request.test()
+                if not b.request.started:  # a later bucket must not start before this one
+                    break
 
     # ------------------------------------------------------------------ after backward
     def finish_gradient_sync(self):

@@ -3,17 +3,9 @@
 Stage 0 embeds the tokens, the last stage computes the head and the loss, and every stage runs a
 contiguous range of blocks (which parameters each holds: ``topology.py``). A stage receives the
 activations (B, T, C) of the previous stage, runs its blocks and sends the result on; backward
-runs the other way with the gradients of those activations.
-
-One batch through one stage at a time would leave p-1 of p ranks idle. Cutting the batch into
-m micro-batches lets the stages work on different micro-batches at once. Two orders:
-
-- GPipe: all m forwards, then all m backwards. Every stage keeps m activation graphs alive.
-- 1F1B: stage s runs p-s-1 warm-up forwards, then alternates one forward and one backward, then
-  finishes the backwards. At most p-s graphs are alive: memory bounded by p, not m.
-
-Both leave the same idle "bubble", (p-1)/(m+p-1) of the step when forward and backward cost the
-same on every stage: the pipeline takes p-1 steps to fill and p-1 to drain.
+runs the other way with the gradients of those activations. In which order a stage runs its
+forward and backward steps is the schedule's business (``pipeline_schedule.py``: pure lists of
+steps); this engine executes such a list with Send/Recv between neighbouring stages.
 
 With tied embeddings the first and the last stage each hold a copy of the token embedding (every
 rank built the same GPT from the same seed, so the copies start equal); after backward the two
@@ -28,121 +20,16 @@ from pathlib import Path
 
 import numpy
 
-import minillm.functional as F
-from minillm import backend
-from minillm.autograd.tensor import Tensor, no_grad, saved_bytes
+from minillm.autograd.tensor import DeferredWeightGrads, Tensor, no_grad
 from minillm.backend import xp
-from minillm.distributed.data_parallel import DataParallel
-from minillm.distributed.topology import (TIED, drop_other_stages, make_topology, stage_bounds,  # noqa: F401
-                                         stage_of, stage_parameters)
-from minillm.nn.module import load_params
+from minillm.distributed.pipeline_schedule import COMPUTE, SPLIT, schedule
+from minillm.distributed.timeline import Timeline, activation_bytes, timeline_record
+from minillm.distributed.topology import TIED
+from minillm.engine import Engine, keyed
 
-SCHEDULES = ("gpipe", "1f1b")
-_ACT, _GRAD, _DTYPE, _STATE = 11, 12, 13, 14   # message tags
-_COMPUTE = ("forward", "backward")
+_DTYPE, _STATE, _ACT, _GRAD = 13, 14, 8192, 16384   # message tags (_ACT, _GRAD: + micro, chunk)
 
 
-# ---------------------------------------------------------------------------- schedules
-def schedule(name: str, pp: int, stage: int, m: int) -> list[tuple[str, int]]:
-    """The order of ("F", micro) and ("B", micro) actions of one stage."""
-    if name == "gpipe":
-        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    if name != "1f1b":
-        raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {SCHEDULES}")
-    warm = min(pp - stage - 1, m)
-    acts = [("F", i) for i in range(warm)]
-    for j in range(m - warm):
-        acts += [("F", warm + j), ("B", j)]
-    return acts + [("B", i) for i in range(m - warm, m)]
-
-
-def bubble_theory(pp: int, m: int) -> float:
-    """Idle fraction of a pipeline step: p-1 fill + p-1 drain slots out of m+p-1 per direction."""
-    return (pp - 1) / (m + pp - 1)
-
-
-def peak_live_theory(name: str, pp: int, stage: int, m: int) -> int:
-    """How many micro-batch graphs a stage holds at most: m for GPipe, min(p - s, m) for 1F1B."""
-    return m if name == "gpipe" else min(pp - stage, m)
-
-
-def simulate(name: str, pp: int, m: int, t_f: float = 1.0, t_b: float = 2.0) -> list[list[dict]]:
-    """Timeline of an ideal pipeline (free messages, fixed costs): one event list per stage.
-
-    F(i) on stage s starts when s is free and F(i) is done on s-1; B(i) when s is free and B(i) is
-    done on s+1 (on the last stage: when its own F(i) is done).
-    """
-    plans = [schedule(name, pp, s, m) for s in range(pp)]
-    done, free, pos = {}, [0.0] * pp, [0] * pp
-    events = [[] for _ in range(pp)]
-    while any(pos[s] < len(plans[s]) for s in range(pp)):
-        progressed = False
-        for s in range(pp):
-            if pos[s] == len(plans[s]):
-                continue
-            kind, i = plans[s][pos[s]]
-            dep = (("F", s - 1, i) if s > 0 else None) if kind == "F" else \
-                  (("B", s + 1, i) if s < pp - 1 else ("F", s, i))
-            if dep is not None and dep not in done:
-                continue
-            start = max(free[s], done.get(dep, 0.0))
-            end = start + (t_f if kind == "F" else t_b)
-            done[(kind, s, i)], free[s] = end, end
-            events[s].append({"kind": "forward" if kind == "F" else "backward",
-                              "start": start, "end": end, "micro": i})
-            pos[s] += 1
-            progressed = True
-        if not progressed:
-            raise RuntimeError(f"schedule {name!r} deadlocks with pp={pp}, m={m}")
-    return events
-
-
-def bubble_of(events_per_stage) -> float:
-    """Mean idle fraction over stages: 1 - compute time / span of the whole pipeline."""
-    span = max(e["end"] for ev in events_per_stage for e in ev)
-    busy = [sum(e["end"] - e["start"] for e in ev if e["kind"] in _COMPUTE) for ev in events_per_stage]
-    return float(numpy.mean([1.0 - b / span for b in busy]))
-
-
-# ---------------------------------------------------------------------------- recording
-class Timeline:
-    """What one rank did during a step: (kind, start, end, micro) from time.perf_counter, relative
-    to a start that every stage of the pipeline shares (a barrier), plus activation memory."""
-
-    def __init__(self):
-        self.t0, self.events, self.live, self.peak = 0.0, [], {}, 0
-
-    def start(self, pipe_comm):
-        pipe_comm.barrier()  # clocks of different hosts differ; a common start does not
-        self.t0, self.events, self.live, self.peak = time.perf_counter(), [], {}, 0
-
-    @contextlib.contextmanager
-    def span(self, kind, micro=None):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            if kind in _COMPUTE:
-                backend.synchronize()  # GPU kernels run asynchronously: time their end, not launch
-            self.events.append((kind, t - self.t0, time.perf_counter() - self.t0, micro))
-
-    def alive(self, micro, nbytes):
-        """Micro-batch ``micro``'s graph now holds ``nbytes`` (0 once backward freed it)."""
-        self.live[micro] = nbytes
-        self.peak = max(self.peak, sum(self.live.values()))
-
-    def summary(self):
-        busy = sum(e - s for k, s, e, _ in self.events if k in _COMPUTE)
-        end = max((e for k, s, e, _ in self.events if k != "allreduce"), default=0.0)
-        return {"busy": busy, "end": end, "peak": self.peak}
-
-
-def activation_bytes(root, exclude_ids) -> int:
-    """Bytes the graph behind ``root`` saved for backward, not counting parameters it refers to."""
-    return saved_bytes(root, exclude_ids)
-
-
-# ---------------------------------------------------------------------------- messages
 def _as_bytes(a):
     """A flat uint8 view, so any dtype (bfloat16 included) travels as raw bytes."""
     return xp.ascontiguousarray(a).reshape(-1).view(xp.uint8)
@@ -160,51 +47,62 @@ def _wait(req, poke=None):
             time.sleep(5e-5)
 
 
-class _StageParams:
-    """What DataParallel needs of a model: the stage's named parameters."""
+class PipelineEngine(Engine):
+    """This rank's stage of a (dp, pp) grid, behind the ``Engine`` interface (``minillm/engine.py``).
 
-    def __init__(self, named):
-        self._named = named
+    ``PipelineEngine(model, topo, bounds, named, sync, precision, schedule="1f1b", microbatches=1,
+    virtual_stages=1, keep_step=None)``: ``topo`` the rank grid (``topology.make_topology``),
+    ``bounds`` the block range of every chunk in model order (``topology.stage_bounds``; chunk g
+    on stage g % pp, ``virtual_stages`` chunks per stage), ``named`` this stage's (name,
+    Parameter) pairs (the other stages' parameters already dropped from ``model``), ``sync`` the
+    gradient sync over this stage's data-parallel group, ``precision`` over ``named``.
+    ``train/build.py`` makes all of these.
 
-    def named_parameters(self):
-        return iter(self._named)
-
-
-# ---------------------------------------------------------------------------- the engine
-class PipelineEngine:
-    """``PipelineEngine(cfg, model, comm)``: this rank's stage of a (dp, pp) grid, behind the engine
-    interface of ``minillm.train.engine.LocalEngine``.
-
-    ``forward_backward`` runs the schedule ``train.grad_accum`` times over ``parallel.microbatches``
-    micro-batches, then averages gradients in each stage's data-parallel group and sums the tied
-    embedding's between the first and last stage. Every step is recorded (``timeline``); the
-    latest one (or step ``keep_step`` of this process, counting from 0) is written to
-    ``<train.out_dir>/timeline_rank{R}.json`` at each checkpoint (``model_state`` is called on every
-    rank) or by ``write_timeline``.
+    ``forward_backward`` runs the schedule's steps (``pipeline_schedule.py``) ``len(microbatches)
+    / microbatches`` times (gradient accumulation rounds): F receives a chunk's input, runs it and
+    sends its output on; B receives the gradient of the output, back-propagates and sends the
+    gradient of the input back (split schedules leave the weights' gradients in a queue); W runs
+    that queue. Then gradients are averaged in each stage's data-parallel group and the tied
+    embedding's summed between the first and last stage. Every step is recorded (``timeline``);
+    the latest one (or step ``keep_step`` of this process, counting from 0) is written to
+    ``timeline_rank{R}.json`` by ``write_artifacts``.
     """
 
-    precision = None
     comm_wait_s = 0.0  # seconds the last step spent in receives, sends and all-reduces
 
-    def __init__(self, cfg, model, comm, keep_step=None):
-        par = cfg.parallel
-        self.cfg, self.model, self.comm = cfg, model, comm
-        self.topo = topo = make_topology(comm, par.dp, par.pp)
-        self.stage, self.pp, self.m = topo.stage, par.pp, par.microbatches
+    def __init__(self, model, topo, bounds, named, sync, precision, schedule="1f1b", microbatches=1,
+                 virtual_stages=1, keep_step=None, tensor_parallel=None):
+        self.model, self.topo, self.comm = model, topo, topo.world
+        self.stage, self.pp, self.m, self.v = topo.stage, topo.pp, microbatches, virtual_stages
         self.dp_rank, self.dp_size = topo.dp_rank, topo.dp
-        self.schedule_name = par.schedule
-        self.bounds = stage_bounds(model.config.n_layer, par.pp, par.partition_blocks)
-        self.start, self.stop = self.bounds[self.stage]
+        self.schedule_name, self.split = schedule, schedule in SPLIT
+        self.bounds = bounds
+        self.last_chunk = len(bounds) - 1                    # global index of the model's last chunk
         self.tied = model.config.tie_embeddings
-        self._named = stage_parameters(model, self.bounds, self.stage)
-        drop_other_stages(model, self._named)
-        self.sync = DataParallel(_StageParams(self._named), topo.dp_comm, bucket_mb=par.bucket_mb,
-                                 allreduce=par.allreduce)
+        self._named = list(named)
+        self.sync, self.precision = sync, precision
+        if tensor_parallel is not None:  # each stage split over its tp group (tp_model.py)
+            self.tensor_parallel = tensor_parallel
         self.timeline, self.kept, self.keep_step, self.steps = Timeline(), None, keep_step, 0
-        self._sends, self._act_dtype, self._dtype_sent = [], None, False
+        self._sends, self._act_dtype, self._dtype_sent = [], {}, set()
 
     def named_parameters(self):
         return list(self._named)
+
+    # ------------------------------------------------------------------ where chunks live
+    def _global(self, chunk):
+        """Chunk ``chunk`` of this rank is chunk ``chunk * pp + stage`` of the model."""
+        return chunk * self.pp + self.stage
+
+    def _neighbour(self, g):
+        """(pipeline rank, that rank's local chunk index) of the model's chunk ``g``."""
+        return g % self.pp, g // self.pp
+
+    @staticmethod
+    def _tag(base, micro, chunk):
+        """Messages carry (micro-batch, receiving chunk) in their tag, so none can be mistaken for
+        another whatever order the schedules post them in (tags stay below MPI's minimum 32767)."""
+        return base + (micro % 512) * 16 + chunk
 
     # ------------------------------------------------------------------ messages
     def _isend(self, a, dest, tag, micro=None):
@@ -228,57 +126,83 @@ class PipelineEngine:
             _wait(self.topo.pipe_comm.irecv(buf, source, tag), self._poke)
         return buf.view(dtype).reshape(shape)
 
-    def _send_activation(self, a, micro=None):
-        if not self._dtype_sent:  # the first message says which dtype every activation will have
+    def _send_activation(self, a, g, micro):
+        dest, chunk = self._neighbour(g + 1)
+        if dest not in self._dtype_sent:  # the first message to a rank says which dtype follows
             name = numpy.frombuffer(str(a.dtype).encode().ljust(16), dtype=numpy.uint8).copy()
-            self.topo.pipe_comm.send(name, self.topo.next_stage, _DTYPE)
-            self._dtype_sent = True
-        self._isend(a, self.topo.next_stage, _ACT, micro)
+            self.topo.pipe_comm.send(name, dest, _DTYPE)
+            self._dtype_sent.add(dest)
+        self._isend(a, dest, self._tag(_ACT, micro, chunk), micro)
 
-    def _recv_activation(self, x, micro=None):
-        if self._act_dtype is None:
+    def _recv_activation(self, x, g, micro):
+        source, _ = self._neighbour(g - 1)
+        if source not in self._act_dtype:  # (waiting, keep our own sends moving: the peer may need them)
             name = numpy.empty(16, dtype=numpy.uint8)
-            self.topo.pipe_comm.recv(name, self.topo.prev_stage, _DTYPE)
-            self._act_dtype = numpy.dtype(name.tobytes().decode().strip())
-        shape = (*x.shape, self.model.config.n_embd)                  # (B, T, C)
-        return self._recv(shape, self._act_dtype, self.topo.prev_stage, _ACT, micro)
+            _wait(self.topo.pipe_comm.irecv(name, source, _DTYPE), self._poke)
+            self._act_dtype[source] = numpy.dtype(name.tobytes().decode().strip())
+        B, T = x.shape
+        shape = (B, self.tensor_parallel.seq_len(T), self.model.config.n_embd)  # (B, T or T/tp, C)
+        return self._recv(shape, self._act_dtype[source], source,
+                          self._tag(_ACT, micro, g // self.pp), micro)
 
-    # ------------------------------------------------------------------ one stage's compute
-    def _stage_forward(self, x, received=None):
-        """(input leaf or None, output): embeddings on stage 0, else the received activations."""
-        if self.topo.is_first:
+    # ------------------------------------------------------------------ one chunk's compute
+    def _chunk_forward(self, x, g, received=None):
+        """(input leaf or None, output) of model chunk ``g``: embeddings first on chunk 0, else the
+        received activations."""
+        if g == 0:
             inp, h = None, self.model.embed(x)                            # (B, T, C)
         else:
             inp = h = Tensor(received, requires_grad=True)                # (B, T, C)
         rope = self.model.rope_for(x.shape[1], dtype=str(h.dtype))
-        return inp, self.model.run_blocks(h, self.start, self.stop, rope)
+        start, stop = self.bounds[g]
+        return inp, self.model.run_blocks(h, start, stop, rope)
 
-    def _forward(self, micro, x, y, n):
-        received = None if self.topo.is_first else self._recv_activation(x, micro)
-        with self.timeline.span("forward", micro):
-            inp, h = self._stage_forward(x, received)
-            if self.topo.is_last:
-                loss = F.cross_entropy(self.model.head(h), y)
+    def _forward(self, micro, chunk, mb, n):
+        g = self._global(chunk)
+        received = None if g == 0 else self._recv_activation(mb.x, g, micro)
+        with self.timeline.span("forward", micro, chunk), keyed(self.model, mb):
+            inp, h = self._chunk_forward(mb.x, g, received)
+            if g == self.last_chunk:
+                loss = self.model.criterion(self.model.head(h), mb.y)
                 out = self.precision.scale_loss(loss * (1.0 / n))
-                self._losses.append(float(loss.data))
+                self._losses.append(loss.data.astype(xp.float64))  # read only when reported
             else:
                 out = h
-        self.timeline.alive(micro, activation_bytes(out, self._param_ids))
-        if not self.topo.is_last:
-            self._send_activation(h.data, micro)
-        self._graphs[micro] = (inp, out)
+        self._graphs[micro, chunk] = (inp, out)
+        self._alive(micro, chunk, activation_bytes(out, self._param_ids))
+        if g != self.last_chunk:
+            self._send_activation(h.data, g, micro)
 
-    def _backward(self, micro, sync):
-        inp, out = self._graphs.pop(micro)
+    def _backward(self, micro, chunk, sync):
+        """B: back-propagate one chunk of one micro-batch and send the input's gradient upstream;
+        with a split schedule the weights' gradients wait in a queue for ``_weights``."""
+        g = self._global(chunk)
+        inp, out = self._graphs.pop((micro, chunk))
         grad = None
-        if not self.topo.is_last:
-            grad = self._recv(out.shape, out.dtype, self.topo.next_stage, _GRAD, micro)
+        if g != self.last_chunk:
+            dest, _ = self._neighbour(g + 1)
+            grad = self._recv(out.shape, out.dtype, dest, self._tag(_GRAD, micro, chunk), micro)
+        queue = DeferredWeightGrads() if self.split else None
         quiet = contextlib.nullcontext() if sync else self.sync.no_sync()
-        with self.timeline.span("backward", micro), quiet:
-            out.backward(grad)
-        self.timeline.alive(micro, 0)
-        if not self.topo.is_first:
-            self._isend(inp.grad, self.topo.prev_stage, _GRAD, micro)
+        with self.timeline.span("backward", micro, chunk), quiet:
+            out.backward(grad, defer=queue)
+        if queue is not None:
+            self._deferred[micro, chunk] = queue
+        self._alive(micro, chunk, queue.nbytes if queue is not None else 0)
+        if g != 0:
+            source, src_chunk = self._neighbour(g - 1)
+            self._isend(inp.grad, source, self._tag(_GRAD, micro, src_chunk), micro)
+
+    def _weights(self, micro, chunk, sync):
+        """W: the weight gradients B left for later (zero-bubble schedules)."""
+        queue = self._deferred.pop((micro, chunk))
+        quiet = contextlib.nullcontext() if sync else self.sync.no_sync()
+        with self.timeline.span("weight", micro, chunk), quiet:
+            queue.run()
+        self._alive(micro, chunk, 0)
+
+    def _alive(self, micro, chunk, nbytes):
+        self.timeline.alive((micro, chunk), nbytes)
 
     # ------------------------------------------------------------------ the engine interface
     def forward_backward(self, microbatches):
@@ -287,27 +211,31 @@ class PipelineEngine:
         n, m = len(microbatches), self.m
         if n % m:
             raise ValueError(f"{n} micro-batches are not a whole number of pipeline rounds of {m}")
-        self._losses, self._graphs = [], {}
+        self._losses, self._graphs, self._deferred = [], {}, {}
         self._param_ids = {id(p.data) for _, p in self._named}  # (precision may swap the arrays)
         self.timeline.start(self.topo.pipe_comm)
-        plan = schedule(self.schedule_name, self.pp, self.stage, m)
+        plan = schedule(self.schedule_name, self.pp, self.stage, m, self.v)
         for r in range(0, n, m):  # grad_accum rounds of the pipeline
-            for kind, i in plan:
-                x, y = microbatches[r + i]
+            for kind, i, chunk in plan:
+                last = r + i == n - 1  # only the last micro-batch lets the gradient sync talk
                 if kind == "F":
-                    self._forward(r + i, x, y, n)
-                else:  # only the very last backward lets DataParallel start its all-reduces
-                    self._backward(r + i, sync=r + i == n - 1)
+                    self._forward(r + i, chunk, microbatches[r + i], n)
+                elif kind == "B":
+                    self._backward(r + i, chunk, sync=last)
+                else:
+                    self._weights(r + i, chunk, sync=last)
         self._finish_sends()
         with self.timeline.span("allreduce"):
             self.sync.finish_gradient_sync()
             self._sum_tied_grads()
-        self._agree_on_overflow()
-        self.comm_wait_s = sum(e - s for k, s, e, _ in self.timeline.events if k not in _COMPUTE)
+        self.comm_wait_s = sum(e - s for k, s, e, _, _ in self.timeline.events if k not in COMPUTE)
         if self.keep_step is None or self.steps == self.keep_step:
             self.kept = (self.steps, list(self.timeline.events), self.timeline.summary())
         self.steps += 1
-        return sum(self._losses) / n if self._losses else 0.0
+        total = 0.0
+        for loss in self._losses:  # summed in order on the device, as the serial engine does
+            total = total + loss
+        return total / n if self._losses else 0.0
 
     def _sum_tied_grads(self):
         """The embedding's two gradient parts (input side on stage 0, output side on the last)."""
@@ -316,45 +244,43 @@ class PipelineEngine:
             g = xp.ascontiguousarray(p.grad, dtype=xp.float32)  # MPI cannot add bfloat16
             p.grad = self.topo.tied_comm.allreduce_(g).astype(p.grad.dtype, copy=False)
 
-    def _agree_on_overflow(self):
-        """In 16-bit training a step is skipped (fp16) or the run stops (bf16) when any stage
-        overflowed: make every stage's precision object see it by poisoning one gradient where
-        this stage found none, so all stages take the same decision (and none waits alone)."""
-        if self.precision.dtype == "float32":
-            return
-        bad = any(not bool(xp.isfinite(p.grad).all()) for _, p in self._named if p.grad is not None)
-        if self.comm.allreduce_scalar(float(bad), "max") > 0 and not bad:
-            p = next(p for _, p in self._named if p.grad is not None)
-            p.grad = xp.full_like(p.grad, xp.nan)  # the step is skipped: these values never count
+    def agree(self, found_inf):
+        """Stages hold different parameters: an overflow on one stage must stop the step on all
+        (fp16 skips it, bf16 stops the run), so every rank takes the maximum of the flags."""
+        return self.comm.allreduce_scalar(float(found_inf), "max") > 0
 
     def eval_loss(self, x, y):
         """No-grad loss of one micro-batch through the whole pipeline (0.0 except on the last stage)."""
         self._poke()
-        received = None if self.topo.is_first else self._recv_activation(x)
-        with no_grad():
-            _, h = self._stage_forward(x, received)
-            if self.topo.is_last:
-                return float(F.cross_entropy(self.model.head(h), y).data)
-            self._send_activation(h.data)
-        return 0.0
+        loss = 0.0
+        for chunk in range(self.v):
+            g = self._global(chunk)
+            received = None if g == 0 else self._recv_activation(x, g, 0)
+            with no_grad():
+                _, h = self._chunk_forward(x, g, received)
+                if g == self.last_chunk:
+                    loss = self.model.criterion(self.model.head(h), y).data  # on the device
+                else:
+                    self._send_activation(h.data, g, 0)
+        return loss
 
     def reduce_loss(self, value):
-        """The last stage's value, averaged over the data-parallel replicas, on every rank."""
+        """The last stage's value, averaged over the data-parallel replicas, on every rank (the
+        tp ranks of a stage all know it: one of them speaks)."""
         self._finish_sends()
-        return self.comm.allreduce_scalar(value if self.topo.is_last else 0.0, "sum") / self.dp_size
+        speaks = self.topo.is_last and self.topo.tp_rank == 0
+        return self.comm.allreduce_scalar(value if speaks else 0.0, "sum") / self.dp_size
 
     def grad_sq_reduce(self, sq):
-        """Sum of squared gradients over the stages, the tied embedding counted once."""
+        """Sum of squared gradients over the stages, the tied embedding counted once (and, within
+        a stage, a parameter replicated over the tp group once, through the sync)."""
         if self.tied and self.topo.is_last:
             g = dict(self.precision.master_params)[TIED].grad
             if g is not None:
                 g = g.reshape(-1).astype(xp.float64)
-                sq -= float(xp.dot(g, g))
-        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")
-
-    def zero_grad(self):
-        for _, p in self._named:
-            p.grad = None
+                sq = sq - xp.dot(g, g)
+        sq = self.sync.grad_sq_reduce(self.tensor_parallel.count_once(sq, self.precision.master_params))
+        return self.topo.pipe_comm.allreduce_scalar(sq, "sum")  # stages differ: read once per step
 
     # ------------------------------------------------------------------ checkpoints
     def _gather(self, local: dict) -> dict:
@@ -385,17 +311,16 @@ class PipelineEngine:
         return [n for n, _ in self.model.named_parameters()]
 
     def model_state(self):
-        """The full model by serial name on world rank 0 (every rank must call it); also writes
-        this rank's timeline next to the checkpoint."""
-        self.write_timeline(self.cfg.train.out_dir)
-        full = self._gather({n: p.data for n, p in self.precision.master_params})
+        """The full model by serial name on world rank 0 (every rank must call it)."""
+        full = self._gather(self.tensor_parallel.gather({n: p.data for n, p in self.precision.master_params}))
         return {n: full[n] for n in self._serial_order() if n in full}
 
     def optimizer_state(self, optimizer):
         """The full optimizer state in the serial format on world rank 0 ({} elsewhere)."""
         sd = optimizer.state_dict()
         names = {n for stage in self.topo.pipe_comm.allgather_obj(list(sd["state"])) for n in stage}
-        full = self._gather({f"{n}/{k}": a for n, st in sd["state"].items() for k, a in st.items()})
+        full = self._gather(self.tensor_parallel.gather(
+            {f"{n}/{k}": a for n, st in sd["state"].items() for k, a in st.items()}))
         if self.comm.rank != 0:
             return {}
         state = {n: {} for n in self._serial_order() if n in names}
@@ -404,34 +329,23 @@ class PipelineEngine:
             state[n][k] = a
         return {**sd, "state": state}
 
-    def load_model_state(self, state, source="checkpoint"):
-        """Each stage copies its own names out of the full (serial-format) state."""
-        load_params(self.precision.master_params, state, source)
-        self.precision.master_to_model()
-
     def load_optimizer_state(self, optimizer, state):
         mine = set(optimizer.names)
-        optimizer.load_state_dict({**state, "state": {n: st for n, st in state["state"].items()
-                                                      if n in mine}})
+        optimizer.load_state_dict(self.tensor_parallel.local_optimizer_state(
+            {**state, "state": {n: st for n, st in state["state"].items() if n in mine}}))
 
     # ------------------------------------------------------------------ observability
-    def write_timeline(self, out_dir):
+    def write_artifacts(self, run_dir):
         """Write ``timeline_rank{R}.json`` for the kept step (collective over the pipeline)."""
+        return self.write_timeline(run_dir)
+
+    def write_timeline(self, out_dir):
         if self.kept is None:
             return None
-        step, events, mine = self.kept
-        stages = self.topo.pipe_comm.allgather_obj(mine)
-        span = max(s["end"] for s in stages) or 1.0
-        measured = float(numpy.mean([1.0 - s["busy"] / span for s in stages]))
-        theory = bubble_theory(self.pp, self.m)
-        rec = {"rank": self.comm.rank, "stage": self.stage, "dp_rank": self.dp_rank, "pp": self.pp,
-               "dp": self.dp_size, "microbatches": self.m, "schedule": self.schedule_name,
-               "step": step, "span": span, "bubble_measured": measured, "bubble_theory": theory,
-               "bubble_stage": 1.0 - mine["busy"] / span, "idle_s": span - mine["busy"],
-               "peak_activation_bytes": [s["peak"] for s in stages],
-               "title": f"{self.schedule_name} p={self.pp} m={self.m}: bubble {measured:.2f} measured, "
-                        f"{theory:.2f} theory",
-               "events": [{"kind": k, "start": s, "end": e, "micro": i} for k, s, e, i in events]}
+        stages = self.topo.pipe_comm.allgather_obj(self.kept[2])
+        rec = timeline_record(self.kept, stages, rank=self.comm.rank, stage=self.stage,
+                              dp_rank=self.dp_rank, pp=self.pp, dp=self.dp_size,
+                              microbatches=self.m, schedule=self.schedule_name, v=self.v)
         path = Path(out_dir) / f"timeline_rank{self.comm.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec))

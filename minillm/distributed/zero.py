@@ -16,80 +16,36 @@ vector, cut it into ``dp`` contiguous shards, and let rank r own shard r:
 Reduce-scatter + all-gather move the same bytes as one all-reduce (which is exactly a
 reduce-scatter followed by an all-gather), so the memory is saved at no extra communication.
 
-Two objects do it. ``ZeroSync`` replaces ``DataParallel`` in the engine: after the last backward
-it reduce-scatters the gradients (zeros outside this rank's shard, so gradient clipping and the
-16-bit inf/nan check work unchanged). ``ZeroAdamW`` is AdamW over this rank's slices of the
+Two objects do it. ``ZeroSync`` is the engine's gradient sync (``grad_sync.py``) in place of
+``DataParallel``: after the last backward it reduce-scatters the gradients (zeros outside this
+rank's shard, so gradient clipping and the 16-bit inf/nan check work unchanged; the norm and the
+overflow decision are then combined over the ranks), and it builds the optimizer that fits it,
+``ZeroAdamW``: AdamW over this rank's slices of the
 parameters (``ParamSlice``: a flat view of one parameter, cut where shards start and end), so
 the update is AdamW's own code, bias correction and all; weight decay follows the parameter a
 slice comes from (>= 2-D). Its ``state_dict`` gathers the shards to rank 0 in exactly the serial
 format (full ``m`` and ``v`` per parameter name) and ``load_state_dict`` takes this rank's slice of
 one, so checkpoints move freely between serial, plain dp and ZeRO runs.
 
-A simplification against production ZeRO: the gradient is reduce-scattered in one message after
-backward, not in buckets overlapped with it (``DataParallel`` shows that technique).
+Here the gradient is reduce-scattered in one message after backward; ZeRO-2 (``zero2.py``) does
+it bucket by bucket during backward and keeps only the shard. ``ShardedAdamW`` (below) is the
+optimizer of every stage: AdamW over a rank's pieces of sharded groups, checkpoints in the serial
+format; ``ZeroAdamW`` is it for ZeRO-1's single group of full master weights.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping
 
-import numpy
-
-from minillm import backend
 from minillm.backend import xp
-from minillm.distributed.ring import chunk_bounds
+from minillm.distributed.grad_sync import GradSync
+from minillm.distributed.shard import (ShardGroup, ShardLayout,  # noqa: F401
+                                       broadcast_params, flatten_params_, gather_to_root, piece_of)
 from minillm.errors import UserError
 from minillm.optim.adamw import AdamW
 from minillm.optim.optimizer import named_parameters
 
 _STATE_TAG = 7100  # the moments' shards travelling to rank 0 for a checkpoint
-
-
-class ShardLayout:
-    """Where each parameter sits in the flat vector of all parameters, and who owns what.
-
-    ``ShardLayout(sizes, nranks)``: ``sizes`` are the parameters' element counts in order.
-    Shard r is ``[bounds[r], bounds[r + 1])``: ``nranks`` nearly equal contiguous pieces; a
-    parameter may straddle a boundary, and then each owner gets its part.
-    """
-
-    def __init__(self, sizes, nranks: int):
-        self.sizes = [int(n) for n in sizes]
-        self.offsets = numpy.cumsum([0, *self.sizes]).tolist()  # parameter i is [offsets[i], offsets[i+1])
-        self.total = self.offsets[-1]
-        self.bounds = chunk_bounds(self.total, nranks)
-        self.counts = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
-
-    def shard(self, rank: int) -> tuple[int, int]:
-        return self.bounds[rank], self.bounds[rank + 1]
-
-    def slices(self, rank: int) -> list[tuple[int, int, int, int]]:
-        """Rank's parts of the parameters: ``(param index, start, stop, offset in the shard)``,
-        ``start:stop`` indexing the flattened parameter."""
-        lo, hi = self.shard(rank)
-        out = []
-        for i, (a, b) in enumerate(zip(self.offsets, self.offsets[1:])):
-            start, stop = max(a, lo), min(b, hi)
-            if start < stop:
-                out.append((i, start - a, stop - a, start - lo))
-        return out
-
-
-def flatten_params_(params):
-    """Move the parameters' arrays into one flat buffer (each ``p.data`` becomes a view into it,
-    same values) and return the buffer. One collective then writes every parameter at once."""
-    dtypes = {p.data.dtype for p in params}
-    if len(dtypes) != 1:
-        raise ValueError(f"cannot flatten parameters of several dtypes {sorted(map(str, dtypes))}")
-    flat = xp.empty(sum(p.data.size for p in params), dtype=dtypes.pop())
-    start = 0
-    for p in params:
-        n = p.data.size
-        flat[start:start + n] = p.data.reshape(-1)
-        p.data = flat[start:start + n].reshape(p.data.shape)
-        start += n
-    return flat
 
 
 def optimizer_state_nbytes(optimizer) -> int:
@@ -98,8 +54,21 @@ def optimizer_state_nbytes(optimizer) -> int:
 
 
 # ---------------------------------------------------------------- gradients ---------------------
-class ZeroSync:
-    """The gradient step of ZeRO-1, for ``LocalEngine`` (in place of ``DataParallel``).
+class ShardedGrads(GradSync):
+    """What every ZeRO stage answers alike: each rank holds the gradients of its own shard."""
+
+    def agree(self, found_inf: bool) -> bool:
+        """An inf/nan lands only in the shard of the rank that owns it, but every rank must take
+        the same decision (skip the step, or step and all-gather): an all-reduce max of the flag."""
+        return self.comm.allreduce_scalar(float(found_inf), "max") > 0
+
+    def grad_sq_reduce(self, sq: float) -> float:
+        """Each rank holds the gradient of its own shard (zeros elsewhere): the squares add up."""
+        return self.comm.allreduce_scalar(sq, "sum")
+
+
+class ZeroSync(ShardedGrads):
+    """The gradient sync of ZeRO-1: ``ZeroSync(named_params, comm)``.
 
     Backward runs as in a serial run, accumulating each rank's local gradients; then
     ``finish_gradient_sync()`` reduce-scatters them in one float32 buffer (MPI cannot add
@@ -107,24 +76,17 @@ class ZeroSync:
     averaged gradient on this rank's shard and zeros elsewhere.
     """
 
-    def __init__(self, model, comm):
+    def __init__(self, named_params, comm):
         self.comm = comm
-        self.named = list(model.named_parameters())
+        self.named = list(named_params)
         self.layout = ShardLayout([p.data.size for _, p in self.named], comm.size)
         self.lo, self.hi = self.layout.shard(comm.rank)
-        for _, p in self.named:  # everybody starts from rank 0's weights, as with DataParallel
-            if not p.data.flags.c_contiguous:
-                p.data = xp.ascontiguousarray(p.data)
-            comm.bcast_(p.data, root=0)
+        broadcast_params(self.named, comm)  # everybody starts from rank 0's weights, as with DataParallel
         self.flat = xp.zeros(self.layout.total, dtype=xp.float32)
         self.views = [self.flat[a:b].reshape(p.shape) for (_, p), a, b in
                       zip(self.named, self.layout.offsets, self.layout.offsets[1:])]
         self.last_wait_s = 0.0
         self.total_wait_s = 0.0
-
-    def no_sync(self):
-        """Nothing is communicated during backward anyway: every micro-step just accumulates."""
-        return contextlib.nullcontext()
 
     def finish_gradient_sync(self):
         for (_, p), view in zip(self.named, self.views):
@@ -141,17 +103,14 @@ class ZeroSync:
         # norm and inf checks over all gradients see exactly this rank's share of the truth.
         self.flat[:self.lo] = 0.0
         self.flat[self.hi:] = 0.0
-        self._agree_on_overflow(shard)
         for (_, p), view in zip(self.named, self.views):
             p.grad = view
 
-    def _agree_on_overflow(self, shard):
-        """An inf/nan lands only in the shard of the rank that owns it, but every rank must make
-        the same decision (skip the step, or step and all-gather): when another rank found one,
-        put a nan into this rank's shard too, so its precision object sees the overflow."""
-        bad = not bool(xp.isfinite(shard).all())
-        if self.comm.allreduce_scalar(float(bad), "max") > 0 and not bad and shard.size:
-            shard[0] = xp.nan  # fp16 skips the step, bf16 stops the run: the value never counts
+    def make_optimizer(self, train_cfg, params):
+        """AdamW over this rank's shard (the config rejects zero with SGD)."""
+        t = train_cfg
+        return ZeroAdamW(params, self.comm, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                         weight_decay=t.weight_decay)
 
 
 # ---------------------------------------------------------------- the optimizer -----------------
@@ -173,105 +132,121 @@ class ParamSlice:
         return None if g is None else g.reshape(-1)[self.start:self.stop]
 
 
-class ZeroAdamW(AdamW):
-    """``ZeroAdamW(params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)``.
+class ShardedAdamW(AdamW):
+    """AdamW over this rank's pieces of sharded parameter groups (``shard.py``).
 
-    AdamW over this rank's shard of ``params`` (the float32 master weights, all ranks passing
-    the same names and shapes). On construction the master weights move into one flat buffer
-    (each ``p.data`` a view into it); ``step`` updates this rank's shard, then all-gathers the
-    buffer, so afterwards every rank holds the whole updated model. ``state_dict`` and
-    ``load_state_dict`` are collective and use the serial AdamW format (see the module doc).
+    ``ShardedAdamW(pieces, groups, comm, lr, betas, eps, weight_decay, order=None,
+    after_step=None)``: ``pieces`` are the (name, parameter) pairs of every group's pieces in
+    order (``ShardGroup.piece_names``), each a flat slice with ``.data`` and ``.grad``. The update
+    is AdamW's own code; weight decay follows the parameter a piece comes from (>= 2-D). The
+    moments of each group's shard live in one flat array (``m[g]``, ``v[g]``; each piece's state
+    is a view), so a checkpoint sends one message per group. ``after_step()`` runs after every
+    step (ZeRO-1 and ZeRO-2: all-gather the updated shards). ``state_dict`` / ``load_state_dict``
+    are collective and use the serial AdamW format (full ``m``, ``v`` per parameter name, in
+    ``order``), so checkpoints move freely between serial, data-parallel and every ZeRO stage.
     """
 
-    def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.master_names, self.masters = named_parameters(params, "ZeroAdamW")
-        self.comm = comm
-        self.layout = ShardLayout([p.data.size for p in self.masters], comm.size)
-        self.flat = flatten_params_(self.masters)
-        pieces = self.layout.slices(comm.rank)
+    def __init__(self, pieces, groups, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, order=None, after_step=None):
         if not pieces:
-            raise UserError(f"the model has {self.layout.total} parameters, too few to shard over "
+            total = sum(g.layout.total for g in groups)
+            raise UserError(f"the model has {total} parameters, too few to shard over "
                             f"{comm.size} ranks; use parallel.zero=0")
-        slices = [(f"{self.master_names[i]}[{a}:{b}]", ParamSlice(self.masters[i], a, b))
-                  for i, a, b, _ in pieces]
-        super().__init__(slices, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.owners = [self.master_names[i] for i, _, _, _ in pieces]  # each slice's parameter name
-        self._decay = [s.decay for s in self.params]  # a 1-D slice of a matrix is still decayed
-        # The moments of the shard live in two flat arrays (one message each to rank 0 for a
-        # checkpoint); each slice's state is a view into them.
-        n = self.layout.counts[comm.rank]
-        self.m, self.v = xp.zeros(n, dtype=self.flat.dtype), xp.zeros(n, dtype=self.flat.dtype)
-        self.state = {name: {"m": self.m[o:o + s.data.size], "v": self.v[o:o + s.data.size]}
-                      for (name, s), (_, _, _, o) in zip(slices, pieces)}
+        super().__init__(pieces, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        expected = [n for g in groups for n in g.piece_names()]
+        if self.names != expected:
+            raise ValueError("ShardedAdamW: pieces must come group by group in shard order")
+        self.comm, self.groups, self._after_step = comm, list(groups), after_step
+        self.order = list(order) if order is not None else [n for g in groups for n in g.names]
+        self._decay = [d for g in groups for d in g.decays()]  # a 1-D slice of a matrix is still decayed
+        dtype = self.params[0].data.dtype
+        self.m = [xp.zeros(g.count, dtype=dtype) for g in groups]
+        self.v = [xp.zeros(g.count, dtype=dtype) for g in groups]
+        self.owners = []  # (parameter name, start, stop) of each piece
+        for g, m, v in zip(self.groups, self.m, self.v):
+            for (i, a, b, o), name in zip(g.slices, g.piece_names()):
+                self.state[name] = {"m": m[o:o + b - a], "v": v[o:o + b - a]}
+                self.owners.append((g.names[i], a, b))
         self.last_wait_s = 0.0
 
     def _buffers_for(self, p):
         return ()  # allocate nothing here: __init__ makes the moments views into self.m and self.v
 
     def step(self, lr=None):
-        super().step(lr)  # AdamW on this rank's slices: its shard of the master weights moves
+        super().step(lr)  # AdamW on this rank's pieces: its shard of the master weights moves
         t0 = time.perf_counter()
-        self.comm.allgather_(self.flat, self.layout.counts)  # ... and everybody gets every shard
+        if self._after_step is not None:
+            self._after_step()
         self.last_wait_s = time.perf_counter() - t0
 
-    def zero_grad(self):
-        for p in self.masters:
-            p.grad = None
-
     # ---- checkpoints: the serial format ------------------------------------------------------
-    def _gather_to_root(self, shard):
-        """The full flat array on rank 0 (None elsewhere), from every rank's shard."""
-        if self.comm.rank != 0:
-            self.comm.send(shard, 0, _STATE_TAG)
-            return None
-        full = xp.empty(self.layout.total, dtype=shard.dtype)
-        for r in range(self.comm.size):
-            lo, hi = self.layout.shard(r)
-            if r == 0:
-                full[lo:hi] = shard
-            else:
-                self.comm.recv(full[lo:hi], r, _STATE_TAG)
-        return full
-
     def state_dict(self) -> dict:
         """``{"step", <hyperparameters>, "state": {name: {"m", "v"}}}`` with full arrays per
         parameter name, as ``AdamW.state_dict`` of a serial run, on rank 0. Every rank must call
         it; the others get an empty ``"state"``."""
         d = {"step": self.step_count, **{k: getattr(self, k) for k in self.hyperparameters}}
-        full = {k: self._gather_to_root(buf) for k, buf in (("m", self.m), ("v", self.v))}
+        full = {k: gather_to_root(self.comm, self.groups, getattr(self, k), _STATE_TAG) for k in ("m", "v")}
         d["state"] = {}
         if self.comm.rank == 0:
-            for name, p, a, b in zip(self.master_names, self.masters, self.layout.offsets,
-                                     self.layout.offsets[1:]):
-                d["state"][name] = {k: full[k][a:b].reshape(p.shape) for k in ("m", "v")}
+            d["state"] = {name: {k: full[k][name] for k in ("m", "v")} for name in self.order}
         return d
 
     def load_state_dict(self, d: Mapping):
-        """Take this rank's slices of a full (serial-format) AdamW state dict; any mismatch of
+        """Take this rank's pieces of a full (serial-format) AdamW state dict; any mismatch of
         names or shapes is one UserError before anything changes."""
+        owner = type(self).__name__
         missing_keys = [k for k in ("step", "state", *self.hyperparameters) if k not in d]
         if missing_keys:
-            raise UserError(f"ZeroAdamW state dict lacks {missing_keys}; was it saved by AdamW?")
+            raise UserError(f"{owner} state dict lacks {missing_keys}; was it saved by AdamW?")
         saved, problems = d["state"], []
-        missing = [n for n in self.master_names if n not in saved]
-        unexpected = [n for n in saved if n not in set(self.master_names)]
+        shapes = {n: s for g in self.groups for n, s in zip(g.names, g.shapes)}
+        missing = [n for n in self.order if n not in saved]
+        unexpected = [n for n in saved if n not in shapes]
         if missing:
             problems.append(f"missing parameters {missing[:6]}")
         if unexpected:
             problems.append(f"unexpected parameters {unexpected[:6]}")
-        for name, p in zip(self.master_names, self.masters):
+        for name in self.order:
             got = saved.get(name)
             if got is None:
                 continue
             if set(got) != {"m", "v"}:
                 problems.append(f"{name!r} has buffers {sorted(got)}, AdamW expects ['m', 'v']")
-            elif any(tuple(got[k].shape) != p.shape for k in ("m", "v")):
-                problems.append(f"{name!r} moments have shape {tuple(got['m'].shape)}, expected {p.shape}")
+            elif any(tuple(got[k].shape) != shapes[name] for k in ("m", "v")):
+                problems.append(f"{name!r} moments have shape {tuple(got['m'].shape)}, expected {shapes[name]}")
         if problems:
-            raise UserError(f"cannot load ZeroAdamW state: {'; '.join(problems[:6])}")
+            raise UserError(f"cannot load {owner} state: {'; '.join(problems[:6])}")
         self._configure(**{k: d[k] for k in self.hyperparameters})
         self.step_count = int(d["step"])
-        for name, owner, s in zip(self.names, self.owners, self.params):
+        for name, (param, a, b) in zip(self.names, self.owners):
             for k in ("m", "v"):
-                part = saved[owner][k].reshape(-1)[s.start:s.stop]  # host slice first, then the device
-                self.state[name][k][...] = backend.asarray(part, dtype=self.m.dtype)
+                st = self.state[name][k]
+                st[...] = piece_of(saved[param][k], a, b, st.dtype)
+
+
+class ZeroAdamW(ShardedAdamW):
+    """``ZeroAdamW(params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)``:
+    ZeRO-1's optimizer.
+
+    AdamW over this rank's shard of ``params`` (the float32 master weights, all ranks passing
+    the same names and shapes). On construction the master weights move into one flat buffer
+    (each ``p.data`` a view into it, one group); ``step`` updates this rank's shard, then
+    all-gathers the buffer, so afterwards every rank holds the whole updated model.
+    """
+
+    def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.master_names, self.masters = named_parameters(params, "ZeroAdamW")
+        group = ShardGroup(self.master_names, [p.shape for p in self.masters], comm.rank, comm.size)
+        self.layout = group.layout
+        self.flat = flatten_params_(self.masters)
+        pieces = [(name, ParamSlice(self.masters[i], a, b))
+                  for (i, a, b, _), name in zip(group.slices, group.piece_names())]
+        super().__init__(pieces, [group], comm, lr=lr, betas=betas, eps=eps,
+                         weight_decay=weight_decay, after_step=self._allgather)
+
+    def _allgather(self):
+        self.comm.allgather_(self.flat, self.layout.counts)  # ... and everybody gets every shard
+
+    def zero_grad(self):
+        for p in self.masters:
+            p.grad = None

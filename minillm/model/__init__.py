@@ -1,2 +1,2 @@
 """The GPT model."""
-from minillm.model.gpt import GPT, GPTConfig, KVCache  # noqa: F401
+from minillm.model.gpt import GPT, GPTConfig, KVCache, document_mask  # noqa: F401

@@ -1,69 +1,20 @@
-"""GPT: configuration and model (GPT-2 style, with Llama-style options)."""
-from dataclasses import dataclass
+"""GPT: the model (GPT-2 style, with Llama-style options); its config is in model/config.py."""
+import functools
+import math
 
+import numpy  # host-side: initial values and sampling use explicit numpy Generators
+
+import minillm.functional as F
+from minillm import backend
+from minillm.autograd.tensor import Tensor, no_grad
+from minillm.backend import xp
 from minillm.errors import ConfigError
-
-
-def _choice(name, value, options):
-    if value not in options:
-        raise ConfigError(f"model.{name}={value!r} is not one of {', '.join(map(repr, options))}")
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 0          # 0: take it from the dataset (the trainer fills it in)
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    norm: str = "layernorm"      # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"            # "gelu" | "swiglu"
-    pos: str = "learned"         # "learned" | "rope"
-    tie_embeddings: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
-            raise ConfigError(f"model.vocab_size={self.vocab_size!r} must be a positive integer (or 0: from the data)")
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"model.{name}={v!r} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
-                              f"pick n_embd a multiple of n_head")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ConfigError(f"model.pos='rope' needs an even head size, got n_embd/n_head="
-                              f"{self.n_embd // self.n_head}")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
-        _choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _choice("mlp", self.mlp, ("gelu", "swiglu"))
-        _choice("pos", self.pos, ("learned", "rope"))
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_hidden(self) -> int:
-        if self.mlp == "gelu":
-            return 4 * self.n_embd
-        return ((8 * self.n_embd // 3) + 7) // 8 * 8  # SwiGLU: ~2/3 of 4C, so parameters match
-
-
-# ---------------------------------------------------------------------------- the model
-import math  # noqa: E402
-
-import numpy  # noqa: E402  (host-side: initial values and sampling use explicit numpy Generators)
-
-import minillm.functional as F  # noqa: E402
-from minillm import backend  # noqa: E402
-from minillm.autograd.tensor import Tensor, no_grad  # noqa: E402
-from minillm.backend import xp  # noqa: E402
-from minillm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm  # noqa: E402
-from minillm.nn.layers import SampleDropoutRNG  # noqa: E402
+from minillm.model.config import GPTConfig
+from minillm.model.kv_cache import KVCache  # noqa: F401  (part of this module's API)
+from minillm.model.sampling import check_sampling, sample_next
+from minillm.nn import (CrossEntropyLoss, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList,
+                        RMSNorm)
+from minillm.nn.layers import SampleDropoutRNG
 
 
 def _norm(config):
@@ -73,32 +24,29 @@ def _norm(config):
 
 
 def rope_tables(head_size, positions, base=10000.0, dtype="float32"):
-    """cos and sin tables (T, hs) for the given positions (halves layout)."""
+    """cos and sin tables (T, hs) for the given positions (T,) (halves layout); positions (B, T)
+    give tables (B, T, hs), one row of positions per sequence."""
     inv_freq = 1.0 / (base ** (numpy.arange(0, head_size, 2) / head_size))   # (hs/2,)
-    angles = numpy.outer(positions, inv_freq)                                   # (T, hs/2)
-    angles = numpy.concatenate([angles, angles], axis=1)                        # (T, hs)
+    angles = numpy.asarray(positions)[..., None] * inv_freq                     # (..., T, hs/2)
+    angles = numpy.concatenate([angles, angles], axis=-1)                       # (..., T, hs)
     return (backend.asarray(numpy.cos(angles).astype(dtype)),
             backend.asarray(numpy.sin(angles).astype(dtype)))
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, per layer, so sampling never recomputes them."""
+@functools.lru_cache(maxsize=64)
+def _rope_cached(device_key, head_size, start, T, dtype):
+    """rope_tables for positions start..start+T-1, made (and copied to device_key) once."""
+    return rope_tables(head_size, numpy.arange(start, start + T), dtype=dtype)
 
-    def __init__(self, n_layer):
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
 
-    @property
-    def length(self):
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+class AttentionCore(Module):
+    """softmax(q k^T / sqrt(hs) + causal mask) v: the region whose (B, nh, T, T) probabilities
+    dominate activation memory at long contexts. A module of its own (no parameters, so no
+    names change) only so that wrappers can act on it: selective recomputation
+    (``model/recompute.py``) re-runs just this region in backward."""
 
-    def update(self, layer, k, v):
-        """Append this step's k, v (B, nh, T, hs) and return all of them."""
-        if self.k[layer] is not None:
-            k = xp.concatenate([self.k[layer], k], axis=2)                      # (B, nh, T_all, hs)
-            v = xp.concatenate([self.v[layer], v], axis=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+    def forward(self, q, k, v, attn_mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)    # (B, nh, T, hs)
 
 
 class CausalSelfAttention(Module):
@@ -108,12 +56,15 @@ class CausalSelfAttention(Module):
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, std=0.02)
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng, std=resid_std)
-        self.n_head, self.rope = config.n_head, config.pos == "rope"
+        self.core = AttentionCore()
+        # heads this module computes (a tensor-parallel wrapper gives each rank n_head / tp of them)
+        self.n_head, self.head_size = config.n_head, config.head_size
+        self.rope = config.pos == "rope"
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
+    def forward(self, x, rope=None, cache=None, layer=0, attn_mask=None):
+        nh, hs = self.n_head, self.head_size
         qkv = self.c_attn(x)                                                    # (B, T, 3C)
+        B, T = qkv.shape[:2]
         qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)               # (3, B, nh, T, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]                                        # (B, nh, T, hs) each
         if rope is not None:
@@ -121,8 +72,8 @@ class CausalSelfAttention(Module):
         if cache is not None:  # sampling: no graph, extend the cache
             k_all, v_all = cache.update(layer, k.data, v.data)
             k, v = Tensor(k_all, _check=False), Tensor(v_all, _check=False)
-        y = F.scaled_dot_product_attention(q, k, v)                             # (B, nh, T, hs)
-        y = y.permute(0, 2, 1, 3).reshape(B, T, C)                              # (B, T, C)
+        y = self.core(q, k, v, attn_mask=attn_mask)                             # (B, nh, T, hs)
+        y = y.permute(0, 2, 1, 3).reshape(B, T, nh * hs)                        # (B, T, C)
         return self.c_proj(y)
 
 
@@ -155,8 +106,8 @@ class Block(Module):
         self.drop_1 = Dropout(config.dropout, dropout_rngs[0])  # one module per call site: each
         self.drop_2 = Dropout(config.dropout, dropout_rngs[1])  # draws its own (layer-keyed) masks
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.drop_1(self.attn(self.ln_1(x), rope, cache, layer))
+    def forward(self, x, rope=None, cache=None, layer=0, attn_mask=None):
+        x = x + self.drop_1(self.attn(self.ln_1(x), rope, cache, layer, attn_mask))
         return x + self.drop_2(self.mlp(self.ln_2(x)))
 
 
@@ -192,43 +143,61 @@ class GPT(Module):
         self.lm_head = Linear(C, config.vocab_size, bias=False, rng=rng, std=0.02)
         if config.tie_embeddings:
             self.lm_head.weight = t.wte.weight
+        self.criterion = CrossEntropyLoss()  # a module, so a parallel wrapper can swap in its own
 
     # The forward pass in three pieces, so pipeline stages can run any contiguous part of it.
-    def embed(self, idx, start_pos=0):
-        """Token (+ learned position) embeddings: idx (B, T) -> x (B, T, C)."""
+    def embed(self, idx, start_pos=0, positions=None):
+        """Token (+ learned position) embeddings: idx (B, T) -> x (B, T, C). Positions are
+        start_pos.. for every row, or ``positions`` (B, T): each row its own (left-padded batches)."""
         T = idx.shape[1]
-        if start_pos + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start_pos + T} is longer than block_size "
+        last = start_pos + T if positions is None else int(numpy.max(positions)) + 1
+        if last > self.config.block_size:
+            raise ValueError(f"sequence of length {last} is longer than block_size "
                              f"{self.config.block_size}")
         x = self.transformer.wte(idx)                                           # (B, T, C)
         if self.config.pos == "learned":
-            pos = xp.arange(start_pos, start_pos + T)
-            x = x + self.transformer.wpe(pos)                                   # (T, C) broadcast
+            pos = xp.arange(start_pos, start_pos + T) if positions is None else backend.asarray(positions)
+            x = x + self.transformer.wpe(pos)                                   # (T, C) or (B, T, C)
         return self.transformer.drop(x)
 
-    def rope_for(self, T, start_pos=0, dtype="float32"):
+    def rope_for(self, T, start_pos=0, dtype="float32", positions=None):
+        """RoPE cos/sin tables: (T, hs) for positions start_pos.., or (B, 1, T, hs) for per-row
+        ``positions`` (B, T), broadcasting over the heads of q, k (B, nh, T, hs)."""
         if self.config.pos != "rope":
             return None
-        return rope_tables(self.config.head_size, numpy.arange(start_pos, start_pos + T), dtype=dtype)
+        if positions is None:  # the same positions for every row: tables made once per device
+            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype))
+        cos, sin = rope_tables(self.config.head_size, positions, dtype=dtype)    # (B, T, hs)
+        return cos[:, None], sin[:, None]                                       # (B, 1, T, hs)
 
-    def run_blocks(self, x, start=0, stop=None, rope=None, cache=None):
+    def run_blocks(self, x, start=0, stop=None, rope=None, cache=None, attn_mask=None):
+        """Blocks start..stop; ``attn_mask`` (boolean, broadcasting to (B, nh, T, T_all)) is
+        applied on top of the causal mask in every block."""
         blocks = list(self.transformer.h)[start:stop]
         for i, block in enumerate(blocks):
-            x = block(x, rope, cache, start + i)
+            x = block(x, rope, cache, start + i, attn_mask)
         return x
 
     def head(self, x):
         """Final norm and output projection: x (B, T, C) -> logits (B, T, V)."""
         return self.lm_head(self.transformer.ln_f(x))
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, attn_mask=None, positions=None):
+        """idx (B, T) -> (logits (B, T, V), loss or None). ``targets`` equal to -100 count for
+        nothing in the loss; ``attn_mask`` (see run_blocks), e.g. ``document_mask(doc_ids)`` for
+        packed sequences; ``positions`` (B, T) integers: each row's own positions (default: the
+        cache's length onwards, the same for every row)."""
         idx = _ids(idx)
-        start = cache.length if cache is not None else 0
-        x = self.embed(idx, start)
-        rope = self.rope_for(idx.shape[1], start, dtype=str(x.dtype))
-        x = self.run_blocks(x, rope=rope, cache=cache)
+        start = 0
+        if cache is not None:
+            cache.default_capacity(self.config.block_size)
+            start = cache.length
+        positions = None if positions is None else numpy.asarray(backend.to_numpy(positions))
+        x = self.embed(idx, start, positions)
+        rope = self.rope_for(idx.shape[1], start, dtype=str(x.dtype), positions=positions)
+        x = self.run_blocks(x, rope=rope, cache=cache, attn_mask=_mask(attn_mask))
         logits = self.head(x)
-        loss = None if targets is None else F.cross_entropy(logits, _ids(targets))
+        loss = None if targets is None else self.criterion(logits, _ids(targets))
         return logits, loss
 
     # ------------------------------------------------------------------ sampling
@@ -239,45 +208,46 @@ class GPT(Module):
         position's forward (keys and values of the prefix are kept); past block_size the context
         window slides, positions change, and the window is recomputed, exactly as without a cache.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k={top_k} must be >= 1")
+        check_sampling(temperature, top_k)
         rng = numpy.random.default_rng(seed)
         idx = numpy.array(backend.to_numpy(_ids(idx)), dtype=numpy.int64)
         was_training = self.training
         self.eval()
         bs = self.config.block_size
-        cache, fed = None, 0  # fed: how many tokens of idx the cache already holds
+        cache = KVCache(self.config.n_layer, bs) if use_cache else None  # allocated once
+        fed = 0  # how many tokens of idx the cache already holds
         try:
             with no_grad():
                 for _ in range(max_new_tokens):
-                    if use_cache and cache is not None and idx.shape[1] <= bs:
+                    if cache is not None and fed and idx.shape[1] <= bs:
                         logits, _ = self(backend.asarray(idx[:, fed:]), cache=cache)
                     else:  # start (or restart after the window slid) from the cropped context
-                        cache = KVCache(self.config.n_layer) if use_cache else None
+                        if cache is not None:
+                            cache.set_length(0)
                         logits, _ = self(backend.asarray(idx[:, -bs:]), cache=cache)
                     fed = idx.shape[1]
-                    nxt = _sample(backend.to_numpy(logits.data[:, -1, :]), temperature, top_k, rng)
+                    nxt = sample_next(backend.to_numpy(logits.data[:, -1, :]), temperature, top_k, rng)
                     idx = numpy.concatenate([idx, nxt[:, None]], axis=1)
         finally:
             self.train(was_training)
         return idx
 
 
-def _sample(logits, temperature, top_k, rng):
-    """One token per row from logits (B, V), in float64 on the host so it is deterministic."""
-    logits = logits.astype(numpy.float64)
-    if temperature == 0:
-        return logits.argmax(axis=1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[1]:
-        kth = numpy.sort(logits, axis=1)[:, -top_k][:, None]
-        logits = numpy.where(logits < kth, -numpy.inf, logits)
-    probs = numpy.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    u = rng.random(logits.shape[0])[:, None]
-    return numpy.minimum((numpy.cumsum(probs, axis=1) < u).sum(axis=1), logits.shape[1] - 1)
+def _mask(mask):
+    if mask is None or backend.is_array(mask):
+        return mask
+    return backend.asarray(numpy.asarray(mask, dtype=bool))
+
+
+def document_mask(doc_ids):
+    """Attention mask for packed sequences: doc_ids (B, T) integers (the document each token
+    belongs to) -> boolean (B, 1, T, T), True where query i and key j are in the same document.
+    Combined with the causal mask, each token attends only to earlier tokens of its own document,
+    as if every document had its own row."""
+    ids = _ids(doc_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"document_mask: doc_ids must be (B, T), got shape {ids.shape}")
+    return ids[:, None, :, None] == ids[:, None, None, :]                      # (B, 1, T, T)
 
 
 def _ids(idx):

@@ -1,7 +1,8 @@
-"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout (each a thin Module over a fused op).
+"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, CrossEntropyLoss (thin Modules over fused ops).
 
 Initial values come from an explicit numpy Generator (``rng``) so that runs are reproducible;
-they are drawn on the host in float32 and moved to the device once.
+they are drawn on the host in float32 and moved to the device once. A GPT's dropout masks come
+from ``SampleDropoutRNG`` (``dropout_rng.py``: keyed by sample, drawn on the device).
 """
 import math
 
@@ -10,6 +11,7 @@ import numpy
 import minillm.functional as F
 from minillm import backend
 from minillm.backend import xp
+from minillm.nn.dropout_rng import LayerDropoutRNG, SampleDropoutRNG  # noqa: F401  (re-exported)
 from minillm.nn.module import Module, Parameter
 
 
@@ -68,7 +70,8 @@ class RMSNorm(Module):
 
 
 class Dropout(Module):
-    """Inverted dropout; masks come from ``rng`` (a numpy Generator the owner saves and restores)."""
+    """Inverted dropout; masks come from ``rng``: a numpy Generator, or a ``LayerDropoutRNG``
+    (keyed by sample, drawn on the device: what a GPT uses)."""
 
     def __init__(self, p=0.0, rng=None):
         super().__init__()
@@ -81,49 +84,8 @@ class Dropout(Module):
         return F.dropout(x, self.p, self.rng, training=self.training)
 
 
-class SampleDropoutRNG:
-    """Dropout randomness keyed by (seed, step, layer, sample): layout-independent masks.
+class CrossEntropyLoss(Module):
+    """The loss as a module (no parameters): ``criterion(logits, targets)``, F.cross_entropy."""
 
-    The mask for sample i of the global batch at dropout layer l in step s is drawn from
-    ``numpy.random.default_rng([seed, s, l, i])``. Whichever data-parallel rank, pipeline stage or
-    accumulation micro-step processes sample i draws the same mask, so parallel runs equal serial
-    runs even with dropout, and a resumed run needs no RNG state to replay its masks.
-
-    The trainer calls ``begin_step(step, row_offsets)`` with the global index of the first sample
-    of each micro-batch, in the order the micro-batches run; each layer's k-th call of the step is
-    then micro-batch k. Without ``begin_step`` (a hand-written loop) every call draws fresh masks.
-    """
-
-    def __init__(self, seed=0):
-        self.seed = int(seed)
-        self.step, self.offsets = None, None
-        self.calls = {}
-
-    def begin_step(self, step, row_offsets=(0,)):
-        self.step, self.offsets, self.calls = int(step), [int(r) for r in row_offsets], {}
-
-    def for_layer(self, layer):
-        """A generator-like object for one Dropout layer (``.random(shape, dtype)``)."""
-        return _LayerRNG(self, int(layer))
-
-    def state_dict(self):
-        return {"seed": self.seed, "scheme": "default_rng([seed, step, layer, sample])"}
-
-
-class _LayerRNG:
-    def __init__(self, source, layer):
-        self.source, self.layer = source, layer
-
-    def random(self, shape, dtype="float32"):
-        s = self.source
-        k = s.calls.get(self.layer, 0)
-        s.calls[self.layer] = k + 1
-        out = numpy.empty(shape, dtype=dtype)
-        if s.offsets is None or k >= len(s.offsets):  # no step context: fresh masks every call
-            key = [s.seed, 2**32 - 1, self.layer, k] if s.offsets is None else [s.seed, s.step, self.layer, 2**32 - 1, k]
-            out[...] = numpy.random.default_rng(key).random(shape, dtype=dtype)
-            return out
-        row0 = s.offsets[k]
-        for r in range(shape[0]):  # one stream per sample (B, ...) -> the row's mask
-            out[r] = numpy.random.default_rng([s.seed, s.step, self.layer, row0 + r]).random(shape[1:], dtype=dtype)
-        return out
+    def forward(self, logits, targets, ignore_index=-100):
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)

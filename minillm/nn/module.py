@@ -4,6 +4,7 @@ Assigning a Parameter or a Module to an attribute registers it, so ``named_param
 yields ``transformer.h.0.attn.c_attn.weight``-style names in a fixed (registration) order, and
 ``state_dict`` / ``load_state_dict`` map those names to arrays.
 """
+import functools
 from collections import OrderedDict
 
 from minillm import backend
@@ -34,12 +35,17 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                f"before assigning {name!r}")
-        self._parameters.pop(name, None)
-        self._modules.pop(name, None)
+        # a replaced parameter or module keeps its place in the order (as in PyTorch), so a
+        # wrapper that swaps layers (tensor parallelism) leaves the serial names' order alone
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             self._parameters[name] = value
         elif isinstance(value, Module):
+            self._parameters.pop(name, None)
             self._modules[name] = value
+        else:
+            self._parameters.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     def forward(self, *args, **kwargs):
@@ -47,6 +53,13 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    def wrap_forward(self, wrapper):
+        """From now on, calling this module runs ``wrapper(forward, *args, **kwargs)``, where
+        ``forward`` is what ran before. Features that act around a module without changing its
+        code use this: activation recomputation (``model/recompute.py``), ZeRO-3's gathering of
+        a block's parameters (``distributed/zero3.py``). The last wrapper added runs outermost."""
+        object.__setattr__(self, "forward", functools.partial(wrapper, self.forward))
 
     # ----------------------------------------------------------------- traversal
     def named_modules(self, prefix=""):
@@ -139,16 +152,23 @@ class ModuleList(Module):
         return len(self._modules)
 
 
-def load_params(named_params, state, source):
-    """Copy ``state[name]`` into each parameter in place; a missing or mis-shaped tensor is a
-    UserError naming it and the file."""
-    missing = [n for n, _ in named_params if n not in state]
+def check_state(shapes, state, source):
+    """A UserError naming the tensor and the file unless ``state`` has every name of ``shapes``
+    (name -> shape) with that shape."""
+    missing = [n for n in shapes if n not in state]
     if missing:
         raise UserError(f"{source} has no tensor {missing[0]!r}" +
                         (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "") +
                         "; it was written for a different model")
-    for name, p in named_params:
-        if tuple(state[name].shape) != p.shape:
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != tuple(shape):
             raise UserError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but the "
-                            f"model expects {p.shape}; check the [model] config")
+                            f"model expects {tuple(shape)}; check the [model] config")
+
+
+def load_params(named_params, state, source):
+    """Copy ``state[name]`` into each parameter in place; a missing or mis-shaped tensor is a
+    UserError naming it and the file."""
+    check_state({n: p.shape for n, p in named_params}, state, source)
+    for name, p in named_params:
         p.data[...] = backend.asarray(state[name]).astype(p.data.dtype, copy=False)

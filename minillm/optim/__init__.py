@@ -11,15 +11,25 @@ Typical use in a training step::
     opt.zero_grad()
 """
 from minillm.optim.adamw import AdamW
-from minillm.optim.clip import clip_grad_norm, global_grad_norm, grad_square_sum, scale_grads
+from minillm.optim.clip import (clip_grad_norm, clip_grad_norm_device, global_grad_norm,
+                                grad_square_sum, scale_grads)
 from minillm.optim.optimizer import Optimizer
 from minillm.optim.schedules import (SCHEDULES, check_schedule, constant_lr, cosine_lr, get_lr,
                                      inv_sqrt_lr, warmup_lr, wsd_lr)
 from minillm.optim.sgd import SGD
 
+
+def make_optimizer(train_cfg, params):
+    """The optimizer ``train.optimizer`` names, over ``params``, with the ``[train]`` settings."""
+    t = train_cfg
+    if t.optimizer == "sgd":
+        return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+
 __all__ = [
-    "AdamW", "SGD", "Optimizer",
-    "clip_grad_norm", "global_grad_norm", "grad_square_sum", "scale_grads",
+    "AdamW", "SGD", "Optimizer", "make_optimizer",
+    "clip_grad_norm", "clip_grad_norm_device", "global_grad_norm", "grad_square_sum", "scale_grads",
     "get_lr", "check_schedule", "SCHEDULES",
     "warmup_lr", "constant_lr", "cosine_lr", "wsd_lr", "inv_sqrt_lr",
 ]

@@ -11,10 +11,12 @@ For each parameter p with gradient g, at step t (1, 2, ...)::
 
 ``_reference_step`` is that formula written plainly; ``AdamW.step`` computes the same thing in
 place, in the parameter's dtype, with one scratch buffer and no allocations, in the order
-PyTorch uses (``step_size = lr / bc1``, ``denom = sqrt(v) / sqrt(bc2) + eps``).
+PyTorch uses (``step_size = lr / bc1``, ``denom = sqrt(v) / sqrt(bc2) + eps``). On the GPU one
+fused kernel updates every parameter (``kernels/cuda.py``: ``adamw``).
 """
 import math
 
+from minillm import kernels
 from minillm.backend import xp
 from minillm.errors import ConfigError
 from minillm.optim.optimizer import Optimizer
@@ -69,6 +71,10 @@ class AdamW(Optimizer):
         t, lr, (beta1, beta2), eps, wd = self.step_count, self.lr, self.betas, self.eps, self.weight_decay
         step_size = lr / (1.0 - beta1 ** t)
         bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
+        if kernels.enabled():  # the GPU: every parameter in one launch (kernels/cuda.py)
+            kernels.adamw_step(list(self._grads()), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=wd, step_size=step_size, bc2_sqrt=bc2_sqrt)
+            return
         for p, g, st, (buf,), decay in self._grads():
             w, m, v = p.data, st["m"], st["v"]
             if decay and wd != 0.0:

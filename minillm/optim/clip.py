@@ -6,13 +6,16 @@ the update's direction and caps its length.
 
 Accuracy without copies: each gradient is cut into chunks (views, no copies) whose sums of
 squares are float32 dot products, short enough that float32 accumulation is accurate; only those
-per-chunk sums are added up in float64. The partial sums stay on the device and are fetched
-once, so a GPU synchronises once per call, not once per tensor.
+per-chunk sums are added up in float64.
+
+No host round trip: the norm stays a 0-d device array and the clipping factor is computed on the
+device (``min(1, max_norm / norm)``, 1 for a non-finite norm), so ``clip_grad_norm_device`` never
+makes a GPU wait; the trainer reads the norm only on logged steps. ``clip_grad_norm`` returns a
+Python float (one read).
 
 For pipeline parallelism, where each process holds different parameters, pass ``reduce`` (e.g.
 a sum all-reduce over stages) to combine the local sums of squares into the global one.
 """
-import math
 from collections.abc import Mapping
 
 from minillm import backend
@@ -37,8 +40,9 @@ def _unique_params(params):
     return out
 
 
-def grad_square_sum(params) -> float:
-    """Sum of squares of all gradients (None skipped), this process's parameters only."""
+def grad_square_sum(params):
+    """Sum of squares of all gradients (None skipped), this process's parameters only: a 0-d
+    float64 array on the device."""
     chunk = _GPU_CHUNK if backend.is_gpu() else _CPU_CHUNK
     parts = []
     for p in _unique_params(params):
@@ -53,17 +57,21 @@ def grad_square_sum(params) -> float:
                 c = c.astype(xp.float32)
             parts.append(xp.vdot(c, c))
     if not parts:
-        return 0.0
-    return float(xp.stack(parts).astype(xp.float64).sum())
+        return xp.zeros((), dtype=xp.float64)
+    return xp.stack(parts).astype(xp.float64).sum()
+
+
+def _norm(params, reduce):
+    sq = grad_square_sum(params)
+    if reduce is not None:
+        sq = reduce(sq)
+    return xp.sqrt(xp.asarray(sq, dtype=xp.float64))
 
 
 def global_grad_norm(params, reduce=None) -> float:
     """The L2 norm of all gradients together; ``reduce`` combines sums of squares across
     processes holding different parameters."""
-    sq = grad_square_sum(params)
-    if reduce is not None:
-        sq = float(reduce(sq))
-    return math.sqrt(sq)
+    return float(_norm(_unique_params(params), reduce))
 
 
 def scale_grads(params, scale: float) -> None:
@@ -82,8 +90,21 @@ def clip_grad_norm(params, max_norm: float, reduce=None) -> float:
     norm (an overflow under mixed precision) leaves the gradients alone so the loss scaler can
     see the inf/nan and skip the step.
     """
+    return float(clip_grad_norm_device(params, max_norm, reduce))
+
+
+def clip_grad_norm_device(params, max_norm: float, reduce=None):
+    """``clip_grad_norm`` without reading anything on the host: returns the norm as a 0-d
+    float64 device array, and every gradient is multiplied by the (device) clipping factor, which
+    is exactly 1.0 when the norm is within ``max_norm`` or not finite."""
     params = _unique_params(params)
-    norm = global_grad_norm(params, reduce)
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale_grads(params, max_norm / (norm + _EPS))
+    norm = _norm(params, reduce)
+    if max_norm > 0:
+        clip = xp.isfinite(norm) & (norm > max_norm)
+        coef = xp.where(clip, max_norm / (norm + _EPS), 1.0)       # float64, as a Python float was
+        by_dtype = {}
+        for p in params:
+            if p.grad is not None:
+                c = by_dtype.setdefault(p.grad.dtype, coef.astype(p.grad.dtype))
+                p.grad *= c
     return norm

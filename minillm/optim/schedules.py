@@ -14,11 +14,11 @@ with the same linear warm-up, from ``lr / warmup_steps`` at step 0 to ``lr`` at 
 ``get_lr(step, cfg)`` reads ``lr, min_lr, warmup_steps, max_steps, schedule, decay_frac`` from
 a config object (the ``[train]`` section) and dispatches by name.
 """
+import functools
 import math
 
+from minillm.choices import LR_SCHEDULES as SCHEDULES
 from minillm.errors import ConfigError
-
-SCHEDULES = ("constant", "cosine", "wsd", "inv_sqrt")
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -64,27 +64,36 @@ def inv_sqrt_lr(step: int, lr: float, warmup_steps: int) -> float:
 
 def check_schedule(cfg) -> None:
     """Raise ConfigError (one line, saying what to change) if ``cfg`` cannot define a schedule."""
-    name = cfg.schedule
+    _checked(cfg.schedule, cfg.warmup_steps, getattr(cfg, "decay_frac", 0.0))
+
+
+# Each schedule by name, called with (step, cfg): the one dispatch table.
+_BY_NAME = {
+    "constant": lambda step, c: constant_lr(step, c.lr, c.warmup_steps),
+    "cosine": lambda step, c: cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps),
+    "wsd": lambda step, c: wsd_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.decay_frac),
+    "inv_sqrt": lambda step, c: inv_sqrt_lr(step, c.lr, c.warmup_steps),
+}
+assert tuple(_BY_NAME) == SCHEDULES, "minillm.choices.LRSchedule and _BY_NAME must list the same names"
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(name, warmup_steps, decay_frac):
+    """The schedule function for these settings, checked once: later steps of the same schedule
+    hit this cache and are not validated again."""
     if name not in SCHEDULES:
         raise ConfigError(f"unknown train.schedule={name!r}; choose one of {', '.join(SCHEDULES)}")
-    if cfg.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps={cfg.warmup_steps} must be >= 0")
-    if name == "wsd" and not 0.0 <= cfg.decay_frac <= 1.0:
-        raise ConfigError(f"train.decay_frac={cfg.decay_frac} must be in [0, 1] (e.g. 0.2)")
+    if warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={warmup_steps} must be >= 0")
+    if name == "wsd" and not 0.0 <= decay_frac <= 1.0:
+        raise ConfigError(f"train.decay_frac={decay_frac} must be in [0, 1] (e.g. 0.2)")
     # warmup_steps > max_steps (a short trial run of a long recipe) is allowed: the run simply
     # ends during warm-up, and a decay that starts inside warm-up begins when warm-up ends.
+    return _BY_NAME[name]
 
 
 def get_lr(step: int, cfg) -> float:
     """The learning rate for optimizer step ``step`` (0-based) under ``cfg.schedule``."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    check_schedule(cfg)
-    name = cfg.schedule
-    if name == "constant":
-        return constant_lr(step, cfg.lr, cfg.warmup_steps)
-    if name == "cosine":
-        return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-    if name == "wsd":
-        return wsd_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.decay_frac)
-    return inv_sqrt_lr(step, cfg.lr, cfg.warmup_steps)
+    return _checked(cfg.schedule, cfg.warmup_steps, getattr(cfg, "decay_frac", 0.0))(step, cfg)

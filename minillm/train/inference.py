@@ -28,21 +28,33 @@ def resolve_checkpoint(path):
 
 
 def load_model(path, device=None):
-    """(model in eval mode, Config, checkpoint path) from a run dir or checkpoint. Tensors are
-    copied to the device one at a time, so the GPU never holds two copies of the model."""
+    """(model in eval mode, Config, checkpoint path) from a run dir or checkpoint, on ``device``
+    (the command line's), else the run config's ``train.device``, else MINILLM_DEVICE, else the
+    CPU. Tensors are copied to the device one at a time, so the GPU never holds two copies."""
     ckpt = resolve_checkpoint(path)
-    if device:
-        backend.set_device(device)
-    state = load_checkpoint(ckpt)  # host (numpy) arrays only
+    from minillm.quant import file_kind, load_quantized
+    if file_kind(ckpt) == "quantized":  # made by `minillm quantize`: QuantLinear layers
+        backend.set_device(backend.resolve_device(device)[0])
+        model, cfg = load_quantized(ckpt)
+        return model, cfg, ckpt
+    state = load_checkpoint(ckpt, exclude=("optimizer",))  # host (numpy) arrays only
+    if not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
+        raise UserError(f"{ckpt} is not a model checkpoint (no model/ and config/ groups); "
+                        f"pass a ckpt_XXXXXXX.h5 written by minillm train")
     cfg = config_from_dict(state["config"])
+    backend.set_device(backend.resolve_device(device, cfg.train.device)[0])
     model = GPT(cfg.model, seed=cfg.train.seed)
     load_params(list(model.named_parameters()), state["model"], f"checkpoint {ckpt}")
     return model.eval(), cfg, ckpt
 
 
 def load_run_tokenizer(ckpt, cfg):
-    """The tokenizer saved next to the checkpoint (run dir), else in the dataset dir."""
-    for place in (Path(ckpt).parent, Path(data_dir(cfg))):
+    """The tokenizer saved next to the checkpoint (run dir), next to the checkpoint a quantized
+    file was made from, else in the dataset dir."""
+    from minillm.quant import quantized_source
+    source = quantized_source(ckpt)
+    places = [Path(ckpt).parent] + ([Path(source).parent] if source else []) + [Path(data_dir(cfg))]
+    for place in places:
         if (place / "tokenizer.json").exists():
             return load_tokenizer(place)
     raise UserError(f"no tokenizer.json next to {ckpt} or in {data_dir(cfg)}; prepare the dataset "

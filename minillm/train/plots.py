@@ -4,6 +4,8 @@ from pathlib import Path
 
 from minillm.errors import UserError
 
+_COMPUTE = ("forward", "backward", "weight")
+
 
 def _figure(**kw):
     """A Figure not attached to pyplot: saving it never switches a notebook's plotting backend."""
@@ -49,8 +51,9 @@ def plot_metrics(run_dir, out=None):
     return out
 
 
-_COLORS = {"forward": "tab:blue", "backward": "tab:green", "send": "tab:orange", "recv": "tab:red",
-           "optimizer": "tab:purple", "allreduce": "tab:brown"}
+_COLORS = {"forward": "tab:blue", "backward": "tab:green", "weight": "tab:olive", "send": "tab:orange",
+           "recv": "tab:red", "optimizer": "tab:purple", "allreduce": "tab:brown"}
+_HATCHES = ("", "//", "..", "xx", "\\\\", "++")   # an interleaved rank's chunks 0, 1, 2, ...
 
 
 def read_timelines(run_dir):
@@ -63,26 +66,35 @@ def read_timelines(run_dir):
     return [json.loads(f.read_text()) for f in files]
 
 
-def draw_timeline(ax, ranks, title=None, legend=True):
+def draw_timeline(ax, ranks, title=None, legend=True, xlabel="seconds"):
     """Gantt chart of timeline records ({"rank", "stage", "events": [{"kind", "start", "end",
-    "micro"}]}, one per rank) on ``ax``. Gaps are idle time: the pipeline bubble."""
+    "micro", "chunk"}]}, one per rank) on ``ax``. Gaps are idle time: the pipeline bubble. Forward,
+    backward (B) and weight-gradient (W) steps have their own colours; an interleaved rank's
+    chunks after the first are hatched. Compare several timelines on one time axis by giving
+    their axes ``sharex`` (the lesson does)."""
     from matplotlib.patches import Patch
     t0 = min((e["start"] for r in ranks for e in r["events"]), default=0.0)
+    chunks = 1
     for row, r in enumerate(ranks):
         for e in r["events"]:
+            chunk = e.get("chunk") or 0
+            chunks = max(chunks, chunk + 1)
             ax.barh(row, e["end"] - e["start"], left=e["start"] - t0, height=0.7,
-                    color=_COLORS.get(e["kind"], "grey"), edgecolor="black", linewidth=0.3)
-            if e.get("micro") is not None and e["kind"] in ("forward", "backward"):
+                    color=_COLORS.get(e["kind"], "grey"), edgecolor="black", linewidth=0.3,
+                    hatch=_HATCHES[chunk % len(_HATCHES)] if e["kind"] in _COMPUTE else "")
+            if e.get("micro") is not None and e["kind"] in _COMPUTE:
                 ax.text((e["start"] + e["end"]) / 2 - t0, row, str(e["micro"]), ha="center",
                         va="center", fontsize=7, color="white")
     ax.set_yticks(range(len(ranks)), [_row_label(i, r) for i, r in enumerate(ranks)])
     ax.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
-    ax.set_xlabel("seconds")
+    ax.set_xlabel(xlabel)
     ax.set_title(title or ranks[0].get("title", "pipeline timeline"), fontsize=10)
     if legend:
         kinds = {e["kind"] for r in ranks for e in r["events"]}
         shown = [k for k in _COLORS if k in kinds]
-        ax.legend([Patch(color=_COLORS[k]) for k in shown], shown,
+        handles = [Patch(color=_COLORS[k]) for k in shown]
+        handles += [Patch(facecolor="white", edgecolor="black", hatch=_HATCHES[c]) for c in range(1, chunks)]
+        ax.legend(handles, shown + [f"chunk {c}" for c in range(1, chunks)],
                   loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return ax
 

@@ -2,12 +2,15 @@
 
 One function, ``train(cfg)``, runs the whole job on one process or on every rank of an MPI job
 (``mpirun -np N python -m mpi4py -m minillm train ...``). What differs between layouts lives in
-the engine (serial, data parallel, pipeline); what differs between float32 and mixed precision
-lives in the precision object; the loop itself is the same for all.
+the engine (``minillm/engine.py``: serial, data parallel, ZeRO, pipeline, built by
+``train/build.py``); what differs between float32 and mixed precision lives in the precision
+object; the loop itself is the same for all.
 
-Reproducibility: the batch of step s is a function of (seed, s) only, and dropout masks come from a
-generator re-seeded from (seed, s, rank) at every step, so a resumed run replays exactly what the
-uninterrupted one would have done.
+Reproducibility: the batch of step s is a function of (seed, s) only (``data/sampler.py``), and
+the dropout mask of sample i at layer l is a hash of (seed, s, l, i, position, channel)
+(``nn/dropout_rng.py``), the sample index travelling with its micro-batch (``engine.Microbatch``). So a resumed run replays exactly
+what the uninterrupted one would have done, and nothing random needs saving: a checkpoint holds
+the weights, the optimizer state, the loss scaler, the config and the step.
 """
 import dataclasses
 import math
@@ -20,15 +23,21 @@ from pathlib import Path
 import numpy
 
 from minillm import __version__, backend
-from minillm.amp import LossDivergedError, make_precision
+from minillm.amp import LossDivergedError
 from minillm.checkpoint import (check_config, checkpoint_path, find_latest_checkpoint,
                                 load_checkpoint, prune_checkpoints, save_checkpoint)
 from minillm.config import check_layout, config_to_dict, data_dir, save_config
 from minillm.data import BatchSampler, TokenDataset, ensure_dataset, load_tokenizer, read_meta
+from minillm.distributed.comm import get_world_comm
+from minillm.engine import Microbatch
 from minillm.errors import UserError
 from minillm.model import GPT
-from minillm.optim import SGD, AdamW, clip_grad_norm, get_lr
-from minillm.train.flops import flops_per_token, matmul_params, measure_matmul_peak
+from minillm.config_section import parse_size
+from minillm.optim import clip_grad_norm_device, get_lr
+from minillm.perf.allocator import tune_host_allocator
+from minillm.perf.memory import check_memory_limit, memory_ledger
+from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
+from minillm.train.build import build_engine
 from minillm.train.metrics import MetricsLog, format_line
 
 
@@ -79,64 +88,37 @@ def resolve_vocab(cfg, meta):
     return cfg
 
 
-def make_engine(cfg, model, comm):
-    """Serial, data-parallel or pipeline engine for this config and world."""
-    from minillm.train.engine import LocalEngine, ShardedEngine
-    if cfg.parallel.pp > 1:
-        from minillm.distributed.pipeline import PipelineEngine
-        return PipelineEngine(cfg, model, comm)
-    if zero_sharded(cfg, comm):
-        from minillm.distributed.zero import ZeroSync
-        return ShardedEngine(model, ZeroSync(model, comm), comm)
-    if comm.size > 1:
-        from minillm.distributed.data_parallel import DataParallel
-        sync = DataParallel(model, comm, bucket_mb=cfg.parallel.bucket_mb,
-                            allreduce=cfg.parallel.allreduce)
-        return LocalEngine(model, sync, comm)
-    return LocalEngine(model, comm=comm)
-
-
-def zero_sharded(cfg, comm) -> bool:
-    """ZeRO-1: parallel.zero=1 with several data-parallel ranks (with one it is plain AdamW)."""
-    return cfg.parallel.zero == 1 and cfg.parallel.pp == 1 and comm is not None and comm.size > 1
-
-
-def make_optimizer(cfg, params, comm=None):
-    """The optimizer over ``params`` (the master weights); under ZeRO-1 it holds this rank's shard."""
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-    if zero_sharded(cfg, comm):
-        from minillm.distributed.zero import ZeroAdamW
-        return ZeroAdamW(params, comm, **hyper)
-    return AdamW(params, **hyper)
-
-
 class Trainer:
     def __init__(self, cfg, comm=None, resume=None, log=None):
-        from minillm.distributed.comm import get_world_comm
         self.comm = comm or get_world_comm()
         check_layout(cfg, self.comm.size)
-        backend.set_device(cfg.train.device)
+        self.device, self.device_source = backend.resolve_device(config=cfg.train.device)
+        backend.set_device(self.device)
         self.rank0 = self.comm.rank == 0
         self.log = log or (lambda msg: print(msg, flush=True))
+        if backend.is_gpu():  # which GPU this rank uses, from its rank on the node (every rank says)
+            print(f"rank {self.comm.rank}: {backend.use_gpu_for_rank(*self.comm.node_rank_and_size())}",
+                  flush=True)
         self.ddir, meta = prepare_data(cfg, self.comm)
         # the saved config names the dataset by absolute path, so sample / eval / resume work from any cwd
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(self.ddir).resolve())))
         self.cfg = cfg = resolve_vocab(cfg, meta)
         t = cfg.train
+        if t.memory_limit:  # refuse before anything is allocated (the same verdict on every rank)
+            check_memory_limit(memory_ledger(cfg, gpu=self.device == "gpu"),
+                               parse_size("train.memory_limit", t.memory_limit), "train.memory_limit")
         self.run_dir = Path(t.out_dir)
         self.train_data = TokenDataset(self.ddir, "train")
         self.val_data = TokenDataset(self.ddir, "val")
         self.sampler = BatchSampler(self.train_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
         self.val_sampler = BatchSampler(self.val_data.tokens, cfg.model.block_size, t.batch_size, t.seed)
+        tune_host_allocator()  # freed temporaries are reused, not re-faulted in (perf/allocator.py)
         self.model = GPT(cfg.model, seed=t.seed)  # the same initial weights on every rank
-        self.engine = make_engine(cfg, self.model, self.comm)
-        self.precision = self.engine.precision = make_precision(t, self.engine.named_parameters())
-        self.optimizer = make_optimizer(cfg, self.precision.master_params, self.comm)
-        self.dp_rank, self.dp_size = getattr(self.engine, "dp_rank", self.comm.rank), \
-            getattr(self.engine, "dp_size", self.comm.size)
+        self.n_params, self.n_matmul = self.model.num_parameters(), matmul_params(self.model)  # before tp splits it
+        self.engine = build_engine(cfg, self.model, self.comm)
+        self.precision = self.engine.precision
+        self.optimizer = self.engine.make_optimizer(t)
+        self.dp_rank, self.dp_size = self.engine.dp_rank, self.engine.dp_size
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
         self.last_val = None
         if resume:
@@ -151,9 +133,10 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.rank0)
 
     # ------------------------------------------------------------------ batches
-    def local_microbatches(self, step, sampler=None, eval_index=None, with_offsets=False):
-        """This data-parallel rank's slice of the global batch, cut into micro-batches (and the
-        global index of each micro-batch's first sample)."""
+    def local_microbatches(self, step, sampler=None, eval_index=None):
+        """This data-parallel rank's slice of the global batch of ``step``, cut into
+        ``Microbatch``es that know where their rows sit in the global batch (dropout keys);
+        ``eval_index``: the i-th fixed evaluation batch of ``sampler`` instead (no keys)."""
         t = self.cfg.train
         per_rank = t.batch_size // self.dp_size
         n_micro = t.grad_accum * self.cfg.parallel.microbatches
@@ -161,13 +144,13 @@ class Trainer:
         start = self.dp_rank * per_rank
         out = []
         for i in range(n_micro):
+            row0 = start + i * size
             if eval_index is None:
-                x, y = (sampler or self.sampler).get_batch(step, start + i * size, size)
+                x, y = (sampler or self.sampler).get_batch(step, row0, size)
             else:
-                x, y = sampler.eval_batch(eval_index, start + i * size, size)
-            out.append((backend.asarray(x), backend.asarray(y)))
-        if with_offsets:
-            return out, [start + i * size for i in range(n_micro)]
+                x, y = sampler.eval_batch(eval_index, row0, size)
+            out.append(Microbatch(backend.asarray(x), backend.asarray(y),
+                                  step if eval_index is None else None, row0))
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -177,8 +160,12 @@ class Trainer:
         total = 0.0
         for i in range(self.cfg.train.eval_iters):
             mbs = self.local_microbatches(0, sampler, eval_index=i)
-            total += sum(self.engine.eval_loss(x, y) for x, y in mbs) / len(mbs)
+            part = 0.0
+            for mb in mbs:  # summed on the device, read once below
+                part = part + self.engine.eval_loss(mb.x, mb.y)
+            total = total + part / len(mbs)
         self.model.train()
+        (total,) = backend.fetch(total)
         return self.engine.reduce_loss(total / self.cfg.train.eval_iters)
 
     # ------------------------------------------------------------------ checkpoints
@@ -187,6 +174,7 @@ class Trainer:
             "meta": {"step": self.step, "tokens_seen": self.tokens_seen,
                      "best_val_loss": self.best_val,
                      "layout": {"dp": self.cfg.parallel.dp, "pp": self.cfg.parallel.pp,
+                                "tp": self.cfg.parallel.tp, "sp": self.cfg.parallel.sp,
                                 "world_size": self.comm.size}},
             "config": config_to_dict(self.cfg),
             "model": self.engine.model_state(),
@@ -198,6 +186,7 @@ class Trainer:
         }
 
     def save(self):
+        self.engine.write_artifacts(self.run_dir)  # e.g. a pipeline rank's timeline (collective)
         state = self.checkpoint_state()  # every rank takes part (pipeline stages gather to rank 0)
         path = checkpoint_path(self.run_dir, self.step)
         if self.rank0:
@@ -230,33 +219,44 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self):
+    def step_on_device(self):
+        """One optimizer step; the loss and grad norm stay 0-d device arrays (nothing waits for a
+        GPU here except the overflow decision of mixed precision). Returns (loss, lr, grad_norm,
+        found_inf)."""
         t = self.cfg.train
         lr = get_lr(self.step, t)
-        mbs, offsets = self.local_microbatches(self.step, with_offsets=True)
-        self.model.dropout_rng.begin_step(self.step, offsets)
+        mbs = self.local_microbatches(self.step)
         with self.precision.quiet():
             loss = self.engine.forward_backward(mbs)
-            found_inf = self.precision.grads_to_master()
+            found_inf = self.precision.grads_to_master(agree=self.engine.agree)  # same on every rank
         params = [p for _, p in self.precision.master_params]
-        grad_norm = clip_grad_norm(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
+        grad_norm = clip_grad_norm_device(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
         if not found_inf:
             self.optimizer.step(lr=lr)
             self.precision.master_to_model()  # so evaluation and samples see this step's weights
         self.precision.update(found_inf)
         self.optimizer.zero_grad()
         self.engine.zero_grad()
+        return loss, lr, grad_norm, found_inf
+
+    def train_step(self):
+        """``step_on_device`` with the loss (averaged over replicas) and grad norm read as floats."""
+        loss, lr, grad_norm, found_inf = self.step_on_device()
+        loss, grad_norm = backend.fetch(loss, grad_norm)
         return self.engine.reduce_loss(loss), lr, grad_norm, found_inf
 
     def run(self):
         t, cfg = self.cfg.train, self.cfg
         tokens_per_step = t.batch_size * cfg.model.block_size
-        fpt = flops_per_token(cfg.model, matmul_params(self.model))
+        fpt = flops_per_token(cfg.model, self.n_matmul)
         peak = measure_matmul_peak() if self.rank0 else 0.0
         if self.rank0:
-            self.log(f"minillm {__version__} | {self.model.num_parameters() / 1e6:.2f}M parameters | "
-                     f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} | "
-                     f"dtype {t.dtype} | world {self.comm.size} (dp {cfg.parallel.dp}, pp {cfg.parallel.pp}) | "
+            par = cfg.parallel
+            tp = f", tp {par.tp}{' + sp' if par.sp else ''}" if par.tp > 1 else ""
+            self.log(f"minillm {__version__} | {self.n_params / 1e6:.2f}M parameters | "
+                     f"data {self.ddir} ({len(self.train_data):,} train tokens) | device {backend.device()} "
+                     f"({self.device_source}) | "
+                     f"dtype {t.dtype} | world {self.comm.size} (dp {par.dp}, pp {par.pp}{tp}) | "
                      f"run dir {self.run_dir}")
         stop = _StopFlag()
         stop.install()
@@ -266,7 +266,7 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 try:
-                    loss, lr, grad_norm, found_inf = self.train_step()
+                    loss, lr, grad_norm, found_inf = self.step_on_device()
                 except LossDivergedError:  # the failed step changed no weight: save them, then stop
                     path = self.save()
                     if self.rank0:
@@ -279,7 +279,8 @@ class Trainer:
                 record = None
                 is_eval = step % t.eval_interval == 0 or step == t.max_steps
                 if step % t.log_interval == 0 or step == 1 or is_eval:
-                    backend.synchronize()
+                    loss, grad_norm = backend.fetch(loss, grad_norm)  # the step's one read of the device
+                    loss = self.engine.reduce_loss(loss)
                     now = time.perf_counter()
                     dt = (now - last_t) / max(step - last_step, 1)
                     last_t, last_step = now, step
@@ -288,7 +289,7 @@ class Trainer:
                               "mfu": fpt * tokens_per_step / dt / peak / self.comm.size if peak else None,
                               "tokens_seen": self.tokens_seen}
                     if self.comm.size > 1:
-                        record["comm_wait_ms"] = 1000 * getattr(self.engine, "comm_wait_s", 0.0)
+                        record["comm_wait_ms"] = 1000 * self.engine.comm_wait_s
                     if self.precision.loss_scale is not None:
                         record.update(loss_scale=self.precision.loss_scale, skipped_steps=skipped)
                 if is_eval:
@@ -329,8 +330,9 @@ class Trainer:
 
     def print_sample(self):
         t = self.cfg.train
-        if t.sample_tokens <= 0 or self.cfg.parallel.pp > 1:
-            return
+        par = self.cfg.parallel
+        if t.sample_tokens <= 0 or par.pp > 1 or par.tp > 1 or (par.zero == 3 and par.dp > 1):
+            return  # one rank alone cannot run a model spread over stages, tp shards or ZeRO-3 shards
         tok = load_tokenizer(self.ddir)
         prompt = t.sample_prompt or "\n"
         try:

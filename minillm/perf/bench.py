@@ -20,6 +20,7 @@ import tracemalloc
 import numpy
 
 from minillm import backend
+from minillm.perf.allocator import tune_host_allocator
 
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -41,7 +42,7 @@ def _batches(cfg, n):
 def bench_minillm(cfg, batches, steps):
     from minillm.model import GPT
     from minillm.optim import AdamW, clip_grad_norm
-    from minillm.train.flops import flops_per_token, matmul_params
+    from minillm.perf.flops import flops_per_token, matmul_params
     t = cfg.train
     model = GPT(cfg.model, seed=t.seed)
     opt = AdamW(model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
@@ -117,10 +118,10 @@ def measure(config=None, overrides=(), steps=10, warmup=3, with_torch=False, thr
     import dataclasses
 
     from minillm.config import load_config
-    from minillm.train.flops import measure_matmul_peak
+    from minillm.perf.flops import measure_matmul_peak
     from minillm.train.trainer import resolve_vocab
     cfg = load_config(config, overrides)
-    backend.set_device(cfg.train.device)
+    backend.set_device(backend.resolve_device(config=cfg.train.device)[0])
     batches, vocab = _batches(cfg, steps + warmup)
     cfg = resolve_vocab(cfg, {"vocab_size": vocab})
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
@@ -175,6 +176,7 @@ def run_bench(config=None, overrides=(), steps=10, with_torch=False, threads=Non
             raise SystemExit(out.returncode)
         result = json.loads(out.stdout.strip().splitlines()[-1])
     else:
+        tune_host_allocator()  # as the trainer does, so the step is timed as training runs it
         result = measure(config, overrides, steps, with_torch=with_torch, threads=threads)
     print(json.dumps(result) if as_json else format_table(result), flush=True)
     return result

@@ -1,0 +1,1 @@
+"""Inference: batched generation with a preallocated KV cache, and the HTTP server around it."""
