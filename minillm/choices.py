@@ -24,6 +24,14 @@ Norm = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
 Position = Literal["learned", "rope"]
 Recompute = Literal["none", "full", "selective"]  # activation recomputation (model/recompute.py)
+# the data pipeline (minillm/data/pipeline.py): how documents are split, undecodable bytes,
+# which duplicates are removed, and the quality rules in the order they are tried (filters.py)
+DocSep = Literal["eot", "blank"]
+BadUTF8 = Literal["error", "skip"]
+DedupMode = Literal["both", "exact", "near"]
+FilterRule = Literal["min_words", "max_words", "mean_word_length", "symbol_ratio", "bullet_lines",
+                     "ellipsis_lines", "alpha_words", "stop_words", "dup_lines", "dup_line_chars",
+                     "top_2gram", "lorem_ipsum"]
 
 TOKENIZERS = get_args(Tokenizer)
 NAMED_SOURCES = get_args(NamedSource)
@@ -40,6 +48,10 @@ NORMS = get_args(Norm)
 MLP_KINDS = get_args(MLPKind)
 POSITIONS = get_args(Position)
 RECOMPUTES = get_args(Recompute)
+DOC_SEPS = get_args(DocSep)
+BAD_UTF8 = get_args(BadUTF8)
+DEDUP_MODES = get_args(DedupMode)
+FILTER_RULES = get_args(FilterRule)
 
 
 def one_of(what: str, value, options):

@@ -62,12 +62,16 @@ def build_parser():
                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    s = sub.add_parser("prepare", help="tokenize a text source into train/val token files")
-    s.add_argument("source", help="pydocs (embedded), shakespeare (downloaded) or a text file path")
+    s = sub.add_parser("prepare", help="tokenize text into train/val token files (or shards)",
+                       description=_PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("source", nargs="+", help="pydocs (embedded), shakespeare (downloaded), text or "
+                   "JSONL files, directories")
     s.add_argument("--tokenizer", default="char", help="char | bpe | gpt2 (default char)")
     s.add_argument("--vocab-size", type=_count, default=None, help="BPE vocabulary size (default 512)")
-    s.add_argument("--out", default=None, help="output directory (default data/<source>_<tokenizer>)")
+    s.add_argument("--out", default=None, help="output directory (default data/<source>_<tokenizer>"
+                   "[_shards])")
     s.add_argument("--val-fraction", type=float, default=0.1)
+    _add_pipeline_args(s)
 
     s = sub.add_parser("train", help="train a model (config file + --section.key=value overrides)")
     s.add_argument("config", nargs="?", default=None, help="a TOML config (default: built-in defaults)")
@@ -155,6 +159,44 @@ def build_parser():
     return p
 
 
+_PIPELINE_DEFAULTS = {}  # dest -> default of each pipeline option (filled by _add_pipeline_args)
+
+
+def _add_pipeline_args(s):
+    """The options of the sharded data pipeline (see minillm/data/pipeline.py)."""
+    from minillm.choices import BAD_UTF8, DEDUP_MODES, DOC_SEPS
+    g = s.add_argument_group("pipeline (any of these selects the sharded layout)")
+    add = lambda *a, **k: _PIPELINE_DEFAULTS.setdefault(g.add_argument(*a, **k).dest, k.get("default"))  # noqa: E731
+    add("--clean", action="store_true", default=False, help="Unicode NFC and white-space cleaning")
+    add("--filter", action="store_true", default=False, help="Gopher/C4-style quality rules")
+    add("--filter-rules", default=None, help="comma-separated subset of the rules (implies --filter)")
+    add("--dedup", action="store_true", default=False, help="exact and MinHash near-duplicate removal")
+    add("--dedup-mode", default=None, choices=DEDUP_MODES, help="implies --dedup (default both)")
+    add("--dedup-threshold", type=float, default=None, help="estimated Jaccard of a near duplicate (0.8)")
+    add("--dedup-bands", type=int, default=None, help="LSH bands (20)")
+    add("--dedup-rows", type=int, default=None, help="MinHash values per band (6)")
+    add("--dedup-ngram", type=int, default=None, help="words per shingle (5)")
+    add("--report", action="store_true", default=False, help="print the data report table "
+        "(OUT/report.json is always written)")
+    add("--workers", type=int, default=None, help="worker processes (default 1)")
+    add("--shard-tokens", type=int, default=None, help="tokens per shard (default 50,000,000)")
+    add("--batch-mb", type=float, default=None, help="MB of documents per task (default 4)")
+    add("--doc-sep", default=None, choices=DOC_SEPS, help="eot (<|endoftext|>, default) | blank "
+        "(blank lines)")
+    add("--text-field", default=None, help="JSONL field holding the text (default text)")
+    add("--bad-utf8", default=None, choices=BAD_UTF8, help="error (default) | skip documents with "
+        "undecodable bytes")
+    add("--max-doc-chars", type=int, default=None, help="cut longer documents (default 1,000,000)")
+    add("--tokenizer-from", default=None, help="reuse a tokenizer.json (or a dataset dir's)")
+    add("--tokenizer-sample-mb", type=float, default=None, help="MB of text BPE is trained on (64)")
+    add("--keep-work", action="store_true", default=False, help="keep OUT/_work afterwards")
+    add("--sharded", action="store_true", default=False, help="the sharded layout, no other option")
+
+
+def _pipeline_asked(args) -> bool:
+    return any(getattr(args, k) != v for k, v in _PIPELINE_DEFAULTS.items())
+
+
 def _train(args, overrides, state):
     from minillm.config import load_config
     from minillm.distributed.comm import get_world_comm
@@ -179,9 +221,31 @@ def _train(args, overrides, state):
 
 def _prepare(args):
     from minillm.data import default_dataset_dir, prepare_dataset
-    out = args.out or str(default_dataset_dir(args.source, args.tokenizer, args.vocab_size))
-    prepare_dataset(args.source, out, args.tokenizer, args.vocab_size, args.val_fraction, verbose=True)
+    from minillm.data.dataset import is_corpus
+    if len(args.source) > 1 or is_corpus(args.source[0]) or _pipeline_asked(args):
+        from minillm.data.pipeline import config_from_args, prepare_sharded
+        prepare_sharded(config_from_args(args), verbose=True, print_report=args.report)
+        return 0
+    source = args.source[0]
+    out = args.out or str(default_dataset_dir(source, args.tokenizer, args.vocab_size))
+    prepare_dataset(source, out, args.tokenizer, args.vocab_size, args.val_fraction, verbose=True)
     return 0
+
+
+_PREPARE_HELP = """Tokenize text for training.
+
+One source without pipeline options writes the single-file layout (train.bin, val.bin). Several
+sources, a directory, a JSONL file or any pipeline option (--clean, --filter, --dedup, --report,
+--workers, --shard-tokens, ...) run the streaming pipeline instead: documents -> clean -> filter
+-> dedup -> tokenize -> fixed-size shards + manifest.json (+ report.json), resumable after a
+kill (run the same command again), split into train/val by document.
+
+examples:
+  minillm prepare shakespeare --tokenizer bpe --vocab-size 1024
+  minillm prepare corpus/ more.jsonl --clean --filter --dedup --report --workers 2 \\
+      --tokenizer gpt2 --out data/web
+  minillm train configs/pydocs_char.toml --data.dir=data/web --data.tokenizer=gpt2
+"""
 
 
 def _sample(args):

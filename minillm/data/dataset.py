@@ -1,6 +1,12 @@
 """Datasets on disk: text -> token ids -> ``train.bin`` / ``val.bin``, read back by memory map.
 
-A dataset directory holds
+Two layouts share this API (``TokenDataset``, ``read_meta``, ``ensure_dataset``): the single-file
+layout below, made by ``prepare_dataset`` from one text, and the sharded layout made by the data
+pipeline (``minillm.data.pipeline``, ``minillm.data.shards``): fixed-size token shards and a
+``manifest.json``, split by document. ``TokenDataset.tokens`` is then a ``ShardedTokens``, which a
+``BatchSampler`` indexes exactly as it indexes a memory map.
+
+A single-file dataset directory holds
 
     train.bin, val.bin   the token stream as raw little-endian uint16 (vocab <= 65536) or uint32
     tokenizer.json       the tokenizer that made them (``load_tokenizer(dir)``)
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from minillm import __version__
+from minillm.data.shards import MANIFEST_FILE, ShardedTokens, file_sha256, read_manifest
 from minillm.data.sources import load_source, source_id
 from minillm.data.tokenizers import (DEFAULT_BPE_VOCAB, TOKENIZER_FILE, get_tokenizer,
                                      load_tokenizer, _check_kind)
@@ -56,10 +63,17 @@ def _request(source, tokenizer, vocab_size, val_fraction) -> dict:
             "requested_vocab_size": vocab_size, "val_fraction": float(val_fraction)}
 
 
+def is_corpus(source) -> bool:
+    """A source only the sharded pipeline reads: a directory, a JSONL file, a gzip file."""
+    p = Path(str(source))
+    return p.is_dir() or p.name.endswith((".jsonl", ".gz"))
+
+
 def read_meta(data_dir) -> dict | None:
+    """meta.json of a single-file dataset, or manifest.json of a sharded one; None if neither."""
     path = Path(data_dir) / META_FILE
     if not path.is_file():
-        return None
+        return read_manifest(data_dir)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
@@ -79,10 +93,31 @@ def find_dataset(out_dir, source="pydocs", tokenizer="char", vocab_size=None,
     """The meta of a complete dataset in ``out_dir`` made by this same request, else None."""
     out_dir = Path(out_dir)
     want = _request(source, tokenizer, vocab_size, val_fraction)
+    manifest = read_manifest(out_dir)
+    if manifest is not None and not (out_dir / META_FILE).exists():
+        return check_sharded(out_dir, manifest, tokenizer, vocab_size, val_fraction)
     meta = read_meta(out_dir)
     if meta is None or any(meta.get(k) != v for k, v in want.items()):
         return None
     return meta if _complete(out_dir, meta) else None
+
+
+def check_sharded(data_dir, manifest: dict, tokenizer, vocab_size=None, val_fraction=None) -> dict:
+    """A prepared sharded dataset named by a config: its tokenizer must be the one the config asks
+    for (``vocab_size`` None or 0: any size); one line naming the file and what to change if not."""
+    where = Path(data_dir) / MANIFEST_FILE
+    kind, size = manifest["tokenizer"], int(manifest["vocab_size"])
+    if tokenizer != kind or (vocab_size and int(vocab_size) != size):
+        fix = f"--data.tokenizer={kind}" + (f" --data.vocab_size={size}" if kind == "bpe" else "")
+        asked = f"{tokenizer!r}" + (f" (vocab_size {vocab_size})" if vocab_size else "")
+        raise UserError(f"{where} was made with the {kind} tokenizer (vocab_size {size}) but the "
+                        f"config asks for {asked}; set {fix}, or prepare the data again with "
+                        f"--tokenizer {tokenizer}")
+    if val_fraction is not None and float(val_fraction) != float(manifest["val_fraction"]):
+        raise UserError(f"{where} was split with val_fraction {manifest['val_fraction']} but the "
+                        f"config asks for {val_fraction}; set --data.val_fraction="
+                        f"{manifest['val_fraction']} or prepare the data again")
+    return manifest
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -98,7 +133,15 @@ def prepare_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char
     ``cache_dir`` keeps the Shakespeare download (default: the parent of ``out_dir``).
     """
     out_dir = Path(out_dir)
+    if is_corpus(source):                # a directory, JSONL or gzip: the sharded pipeline
+        from minillm.data.pipeline import PrepareConfig, prepare_sharded
+        return prepare_sharded(PrepareConfig(sources=(str(source),), out_dir=str(out_dir),
+                                             tokenizer=tokenizer, vocab_size=vocab_size,
+                                             val_fraction=val_fraction), verbose=verbose)
     request = _request(source, tokenizer, vocab_size, val_fraction)
+    if read_manifest(out_dir) is not None and not (out_dir / META_FILE).exists():
+        raise UserError(f"{out_dir} holds a sharded dataset ({MANIFEST_FILE}); choose another "
+                        "--out or delete it")
     if not force:
         meta = find_dataset(out_dir, source, tokenizer, vocab_size, val_fraction)
         if meta is not None:
@@ -136,7 +179,13 @@ def prepare_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char
 
 def ensure_dataset(source="pydocs", out_dir="data/pydocs_char", tokenizer="char",
                    vocab_size=None, val_fraction=0.1, cache_dir=None, verbose=False) -> dict:
-    """The dataset's meta, preparing it only when no matching complete dataset exists."""
+    """The dataset's meta, preparing it only when no matching complete dataset exists.
+
+    A prepared sharded dataset in ``out_dir`` is used as it is, whatever ``source`` says, once
+    its tokenizer matches (``check_sharded``)."""
+    manifest = read_manifest(out_dir)
+    if manifest is not None and not (Path(out_dir) / META_FILE).exists():
+        return check_sharded(out_dir, manifest, tokenizer, vocab_size, val_fraction)
     return prepare_dataset(source, out_dir, tokenizer, vocab_size, val_fraction, force=False,
                            cache_dir=cache_dir, verbose=verbose)
 
@@ -149,7 +198,10 @@ def default_dataset_dir(source="pydocs", tokenizer="char", vocab_size=None, root
 
 
 class TokenDataset:
-    """One split of a prepared dataset, memory-mapped read-only (nothing is loaded up front)."""
+    """One split of a prepared dataset, memory-mapped read-only (nothing is loaded up front).
+
+    ``tokens`` is a ``numpy.memmap`` (single-file layout) or a ``ShardedTokens`` (sharded
+    layout); both have ``len`` and the indexing a ``BatchSampler`` needs."""
 
     def __init__(self, data_dir, split="train"):
         if split not in SPLITS:
@@ -160,12 +212,22 @@ class TokenDataset:
             raise UserError(f"no prepared dataset in {self.data_dir} (meta.json missing); "
                             "run `minillm prepare SOURCE --out DIR` first")
         self.meta, self.split = meta, split
+        if not (self.data_dir / META_FILE).is_file():
+            self._check_tokenizer_file()
+            self.tokens = ShardedTokens.open(self.data_dir, meta, split)
+            return
         n = int(meta[f"n_{split}"])
         path = self.data_dir / f"{split}.bin"
         if not path.is_file() or path.stat().st_size != n * np.dtype(meta["dtype"]).itemsize:
             raise UserError(f"{path} is missing or has the wrong size; prepare the dataset again")
         self.tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"),
                                 mode="r", shape=(n,))
+
+    def _check_tokenizer_file(self):
+        path = self.data_dir / TOKENIZER_FILE
+        if not path.is_file() or file_sha256(path) != self.meta["tokenizer_sha256"]:
+            raise UserError(f"{path} is not the tokenizer the shards were made with "
+                            f"({MANIFEST_FILE} records another); restore it or prepare the data again")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -14,6 +14,18 @@ for ``re`` with explicit character classes built from ``unicodedata``:
 
 The tests check on real text that this split and tiktoken's agree token for token. (Characters
 assigned after Python's Unicode version, 14.0 for Python 3.11, could still differ.)
+
+The BPE trainer counts words with ``fast_split_words``: the same pattern run by the third-party
+``regex`` module (which tiktoken itself depends on), compiled in about a millisecond and 2-3x
+faster than the spelled-out classes; the tests check the two splits are equal.
+
+Where text may be cut without changing the split (``safe_cut``): between a character that is not
+white space and one that is. No piece of the pattern holds both kinds of character (letters,
+numbers and punctuation runs may start with one space, never end with one; white-space runs hold
+only white space), so a piece always ends there, and the matching that follows starts afresh.
+Special-token strings hold no white space, so a cut never splits one either. Encoding chunks cut
+there equals encoding the whole text (``encode_iterable``), and so does counting them (the trainer's
+parallel counts).
 """
 import functools
 import re
@@ -60,6 +72,63 @@ def stdlib_gpt2_regex() -> re.Pattern:
 def split_words(text: str) -> list[str]:
     """Cut ``text`` into GPT-2 pre-tokens; ``"".join(split_words(t)) == t``."""
     return stdlib_gpt2_regex().findall(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_regex():
+    import regex  # a dependency of tiktoken; understands \\p{L} and \\p{N} as tiktoken does
+    return regex.compile(GPT2_PATTERN)
+
+
+def fast_split_words(text: str) -> list[str]:
+    """``split_words`` through the ``regex`` module: the same pieces, faster, no build cost."""
+    return _fast_regex().findall(text)
+
+
+_WS = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _WHITE_SPACE)
+_CUT = re.compile(f"[^{_WS}](?=[{_WS}])")   # a non-space followed by a space: cut after it
+
+
+def safe_cut(text: str, lo: int = 0) -> int:
+    """The last position > ``lo`` where ``text`` may be cut (see above), or -1 if there is none."""
+    end = len(text)
+    while end > lo:                           # windows from the tail back: cuts are usually near it
+        start = max(lo, end - 4096)
+        last = -1
+        for m in _CUT.finditer(text, start, min(len(text), end + 1)):
+            last = m.end()
+        if last > 0:
+            return last
+        end = start
+    return -1
+
+
+def first_safe_cut(text: str, pos: int) -> int:
+    """The first position >= ``pos`` where ``text`` may be cut, or -1 if there is none."""
+    m = _CUT.search(text, max(0, pos - 1))
+    return m.end() if m else -1
+
+
+def safe_chunks(pieces, min_chars: int = 1 << 16):
+    """Re-cut an iterable of text pieces into chunks of at least ``min_chars`` characters (the
+    last may be shorter) that end at safe cuts. Memory holds one chunk, or the longest run of text
+    without white space if that is longer."""
+    buf, size, want = [], 0, min_chars
+    for piece in pieces:
+        buf.append(piece)
+        size += len(piece)
+        if size < want:
+            continue
+        text = "".join(buf)
+        cut = safe_cut(text, min(min_chars, len(text)) // 2)
+        if cut > 0:
+            yield text[:cut]
+            buf, size, want = [text[cut:]], len(text) - cut, min_chars
+        else:                                 # no cut yet: wait for twice as much text
+            buf, want = [text], 2 * size
+    tail = "".join(buf)
+    if tail:
+        yield tail
 
 
 def split_specials(text: str, specials) -> list[tuple[str, bool]]:

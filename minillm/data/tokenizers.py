@@ -1,11 +1,15 @@
 """Tokenizers: text <-> integer ids, three ways, one interface.
 
-Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
-``name`` ("char" | "bpe" | "gpt2"), ``eot_id`` (the ``<|endoftext|>`` id, or None) and
-``save(dir)``; ``load_tokenizer(dir)`` reads one back from ``dir/tokenizer.json``.
+Every tokenizer has ``encode(text) -> list[int]`` (special-token strings become their ids),
+``encode_ordinary(text)`` (special-token strings are plain text), ``encode_iterable(pieces)``
+(yields the ids of the concatenated pieces with bounded memory, equal to ``encode`` of the whole
+text), ``decode(ids) -> str``, ``vocab_size``, ``name`` ("char" | "bpe" | "gpt2"), ``eot_id``
+(the ``<|endoftext|>`` id, or None) and ``save(dir)``; ``load_tokenizer(dir)`` reads one back
+from ``dir/tokenizer.json``.
 
 - CharTokenizer: one id per character seen in the training text. Tiny vocabulary, long
-  sequences, no way to spell a character it never saw.
+  sequences, no way to spell a character it never saw. Optionally special tokens after the
+  characters (the sharded pipeline gives it ``<|endoftext|>`` to end documents).
 - BPETokenizer: byte-level BPE learned from scratch (see bpe_train.py). Any text, including
   emoji or invalid UTF-8, is some sequence of byte tokens, so nothing is ever unknown.
 - GPT2Tokenizer: OpenAI's GPT-2 BPE (50257 tokens), through tiktoken.
@@ -17,9 +21,11 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from minillm.choices import TOKENIZERS
 from minillm.data.bpe_train import train_bpe
-from minillm.data.pretokenize import GPT2_PATTERN, split_specials, split_words
+from minillm.data.pretokenize import GPT2_PATTERN, safe_chunks, split_specials, split_words
 from minillm.errors import UserError
 from minillm.fileio import write_atomic
 
@@ -43,14 +49,30 @@ def _check_ids(ids, vocab_size: int) -> list[int]:
     return ids
 
 
-class CharTokenizer:
-    """Vocabulary = the sorted set of characters of the training text."""
-    name = "char"
-    eot_id = None
+class _Streaming:
+    """``encode_iterable`` for every tokenizer, built on its ``encode``."""
 
-    def __init__(self, chars):
+    def encode_iterable(self, pieces):
+        """Yield the ids of ``"".join(pieces)`` one by one, holding about 64K characters at a
+        time: the text is re-cut where pre-tokenisation cuts anyway (``safe_chunks``), so the
+        ids equal ``encode`` of the whole text."""
+        for chunk in safe_chunks(pieces):
+            yield from self.encode(chunk)
+
+
+class CharTokenizer(_Streaming):
+    """Vocabulary = the sorted set of characters of the training text (then any specials)."""
+    name = "char"
+
+    def __init__(self, chars, special_tokens: dict[str, int] | None = None):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_tokens = dict(special_tokens or {})
+        if sorted(self.special_tokens.values()) != list(range(len(self.chars),
+                                                              self.vocab_size)):
+            raise UserError("tokenizer file: char special tokens must follow the characters' ids; "
+                            "prepare the dataset again")
+        self._table = None
 
     @classmethod
     def train(cls, text: str) -> "CharTokenizer":
@@ -58,25 +80,49 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + len(self.special_tokens)
 
-    def encode(self, text: str) -> list[int]:
-        stoi = self.stoi
-        try:
-            return [stoi[c] for c in text]
-        except KeyError:
-            unknown = sorted(set(text) - set(stoi))
+    @property
+    def eot_id(self):
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def _lookup(self, text: str) -> np.ndarray:
+        """Ids of every character as an int64 array, -1 for characters not in the vocabulary
+        (a table indexed by code point: one vectorised gather instead of a loop)."""
+        if self._table is None:
+            top = max((ord(c) for c in self.chars), default=0)
+            self._table = np.full(top + 2, -1, dtype=np.int64)
+            self._table[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        return self._table[np.minimum(cps, len(self._table) - 1)]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        ids = self._lookup(text)
+        if ids.size and ids.min() < 0:
+            unknown = sorted(set(text) - set(self.stoi))
             shown = ", ".join(repr(c) for c in unknown[:10])
             more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
             raise UserError(f"prompt contains characters not in the vocabulary: {shown}{more}; "
-                            "use characters from the training text") from None
+                            "use characters from the training text")
+        return ids.tolist()
+
+    def encode(self, text: str) -> list[int]:
+        if not self.special_tokens:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        for chunk, is_special in split_specials(text, self.special_tokens):
+            ids.extend([self.special_tokens[chunk]] if is_special else self.encode_ordinary(chunk))
+        return ids
 
     def decode(self, ids) -> str:
-        chars = self.chars
-        return "".join(chars[i] for i in _check_ids(ids, len(chars)))
+        names = self.chars + sorted(self.special_tokens, key=self.special_tokens.get)
+        return "".join(names[i] for i in _check_ids(ids, len(names)))
 
     def to_dict(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
+        d = {"kind": "char", "chars": self.chars}
+        if self.special_tokens:   # files without specials stay exactly as before
+            d["special_tokens"] = self.special_tokens
+        return d
 
     def save(self, directory) -> Path:
         path = Path(directory) / TOKENIZER_FILE
@@ -84,7 +130,7 @@ class CharTokenizer:
         return path
 
 
-class BPETokenizer:
+class BPETokenizer(_Streaming):
     """Byte-level BPE: ids 0..255 are bytes, then one id per learned merge, then specials."""
     name = "bpe"
 
@@ -109,14 +155,19 @@ class BPETokenizer:
         self._tiktoken = None
 
     @classmethod
-    def train(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB, verbose: bool = False):
-        """Learn ``vocab_size - 257`` merges (256 byte tokens and ``<|endoftext|>`` are free)."""
-        vocab_size = int(vocab_size)
-        if vocab_size < 257:
+    def train(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB, verbose: bool = False,
+              specials=(ENDOFTEXT,), workers: int = 1):
+        """Learn ``vocab_size - 256 - len(specials)`` merges; the special tokens take the last
+        ids, in order. Their strings in ``text`` are never merged with anything."""
+        vocab_size, specials = int(vocab_size), list(dict.fromkeys(specials))
+        if vocab_size < 256 + len(specials):
             raise UserError(f"bpe vocab_size={vocab_size} is too small: it needs 256 byte tokens "
-                            "plus <|endoftext|>; use --vocab-size 257 or more")
-        result = train_bpe(text, vocab_size - 257, specials=(ENDOFTEXT,), verbose=verbose)
-        return cls(result.merges, {ENDOFTEXT: 256 + len(result.merges)})
+                            f"plus {len(specials)} special token(s); use --vocab-size "
+                            f"{256 + len(specials)} or more")
+        result = train_bpe(text, vocab_size - 256 - len(specials), specials=specials,
+                           verbose=verbose, workers=workers)
+        n = 256 + len(result.merges)
+        return cls(result.merges, {s: n + k for k, s in enumerate(specials)})
 
     @property
     def vocab_size(self) -> int:
@@ -190,7 +241,7 @@ class BPETokenizer:
         return path
 
 
-class GPT2Tokenizer:
+class GPT2Tokenizer(_Streaming):
     """OpenAI's GPT-2 tokenizer via ``tiktoken.get_encoding("gpt2")``."""
     name = "gpt2"
 
@@ -213,6 +264,9 @@ class GPT2Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special="all")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
 
     def decode_bytes(self, ids) -> bytes:
         return self.encoding.decode_bytes(_check_ids(ids, self.vocab_size))
@@ -329,7 +383,7 @@ def get_tokenizer(kind: str, text: str | None = None, vocab_size: int | None = N
 def tokenizer_from_dict(d: dict):
     kind = _check_kind(d.get("kind"))
     if kind == "char":
-        tok = CharTokenizer(d["chars"])
+        tok = CharTokenizer(d["chars"], d.get("special_tokens"))
     elif kind == "bpe":
         tok = BPETokenizer(d["merges"], d["special_tokens"], d.get("pattern", GPT2_PATTERN))
     else:
