@@ -173,6 +173,7 @@ class Tensor:
                 else:
                     prev = grads.get(id(parent))
                     grads[id(parent)] = pg if prev is None else prev + pg  # never in place: pg may be shared
+            in_grads = pg = None  # this op's gradients go now, not during the next op's backward
             if not retain_graph:
                 node._ctx = None
                 node._graph_freed = True

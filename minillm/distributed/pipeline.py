@@ -218,6 +218,7 @@ class PipelineEngine(Engine):
         for r in range(0, n, m):  # grad_accum rounds of the pipeline
             for kind, i, chunk in plan:
                 last = r + i == n - 1  # only the last micro-batch lets the gradient sync talk
+                self._poke()  # sends done let their buffers go at every step (not only while a receive waits)
                 if kind == "F":
                     self._forward(r + i, chunk, microbatches[r + i], n)
                 elif kind == "B":

@@ -232,7 +232,8 @@ def _rank_ledger(cfg, d, named, groups, blocks, stage, dp_rank, n_micro, zero) -
         nodes = _nodes_per_micro(mc, t.recompute, d.tp)
     else:
         sim = simulate_stage(cfg, d, base, sink, blocks, stage, batch)
-        nodes = _nodes_per_micro(mc, t.recompute, d.tp) * min(par.microbatches, par.pp - stage)
+        inflight = par.microbatches if par.schedule == "gpipe" else min(par.microbatches, par.pp - stage)
+        nodes = _nodes_per_micro(mc, t.recompute, d.tp, blocks[1] - blocks[0]) * inflight
     at = sim.at_peak
     parts["activations"] = at.get("activations", 0) + NODE_BYTES * nodes
     parts["gradients"] += at.get("gradients", 0)
@@ -250,9 +251,11 @@ def _zero3_units(named, n_layer):
     return [*reversed(blocks), root]
 
 
-def _nodes_per_micro(mc, recompute, tp=1) -> int:
+def _nodes_per_micro(mc, recompute, tp=1, n_blocks=None) -> int:
+    """Graph nodes one micro-batch keeps (``n_blocks``: a pipeline stage's, else every block)."""
     per_block = 20 + (4 if mc.dropout > 0 else 0) + (2 if mc.pos == "rope" else 0) + (6 if tp > 1 else 0)
-    return mc.n_layer * (1 if recompute == "full" else per_block) + 12 + (4 if tp > 1 else 0)
+    n_blocks = mc.n_layer if n_blocks is None else n_blocks
+    return n_blocks * (1 if recompute == "full" else per_block) + 12 + (4 if tp > 1 else 0)
 
 
 def fmt_bytes(n: float) -> str:

@@ -88,7 +88,9 @@ def measure_training(cfg, comm, steps: int = 2, warmup: int = 1, timed: int = 2)
         cfg = dataclasses.replace(cfg, train=t)
         backend.set_device(backend.resolve_device(config=t.device)[0])  # as the Trainer will
         compute_dtype(t.dtype)  # imports ml_dtypes now: its import is not training memory
-        import threadpoolctl  # noqa: F401  (so is this one's, which the Trainer makes to set BLAS threads)
+        import threadpoolctl  # so is this one's, which the Trainer makes to set BLAS threads, and
+        threadpoolctl.ThreadpoolController()  # the caches of its first scan of the loaded libraries
+        import mmap  # noqa: F401  (imported by the data's memmap on the first batch)
         rss_before = _rss()
         meter = _PoolPeak() if backend.is_gpu() else _TracedPeak()
         try:

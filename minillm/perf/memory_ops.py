@@ -312,23 +312,27 @@ def block_bwd(s, k, replay_core=False, output_held=False):
     norm_bwd(s, p + "ln_1")
 
 
-def head_bwd(s, logits_held=False):
+def head_bwd(s, logits_held=False, own_copy=False):
     """From the loss to the last block's output. ``logits_held``: the caller still holds the
-    logits (``LocalEngine``'s ``_, loss = model(x, y)``), so they outlive this backward."""
+    logits (``LocalEngine``'s ``_, loss = model(x, y)``), so they outlive this backward.
+    ``own_copy``: the last pipeline stage's copy of the tied embedding, whose gradient is whole
+    here (the stages sum theirs after the step)."""
     d = s.d
     nv = d.N * d.V
     s.temp(F32 * nv + (d.a * nv if d.a < 4 else 0), "backward loss")  # d = probs - onehot
     s.alloc(d.a * nv)                                          # the logits' gradient
     s.free(F32 * nv + I64 * d.N + d.N)                          # probabilities, targets, mask
-    if d.tied:  # the tied embedding's gradient is complete only after the embeddings' backward
+    if d.tied and not own_copy:  # the tied embedding's gradient is complete only after the embeddings' backward
         s.sink.hold(s, d.a * d.V * d.C)
-    column_bwd(s, "lm_head", d.V, g_passed=False, bias=False, emit=not d.tied)
+    column_bwd(s, "transformer.wte" if d.tied else "lm_head", d.V, g_passed=False, bias=False,
+               emit=own_copy or not d.tied)
     if logits_held:
         s.alloc(d.a * nv)                                      # (linear_bwd freed them)
     norm_bwd(s, "transformer.ln_f", residual=False)
 
 
-def embed_bwd(s):
+def embed_bwd(s, own_copy=False):
+    """``own_copy``: the first pipeline stage's copy of the tied embedding (no head part here)."""
     d = s.d
     nc = d.a * d.N * d.C
     if d.dropout:
@@ -347,7 +351,7 @@ def embed_bwd(s):
         s.temp(d.a * nc, "backward embeddings")                 # g where the ids are this shard's
     onehot = F32 * d.V * d.N if d.N * d.V <= 1 << 22 else 0     # small vocabularies: one matmul
     s.temp(onehot + F32 * vc + d.up(d.N * d.C), "backward embeddings")
-    if d.tied:  # the head's part plus this one: a new array, then both parts go
+    if d.tied and not own_copy:  # the head's part plus this one: a new array, then both parts go
         s.temp(F32 * vc + d.a * vc, "backward embeddings")
         s.sink.release(s, d.a * vc)
     s.sink.add(s, "transformer.wte.weight", d.a * vc)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minillm.distributed.pipeline_schedule import schedule
 from minillm.perf.memory_ops import (F32, I64, block_bwd, block_fwd, block_fwd_no_grad,  # noqa: F401
                                      embed_bwd, embed_fwd, head_bwd, head_fwd)
 
@@ -106,12 +107,17 @@ class GradSink:
         while self.next < len(self.groups) and self.ready[self.next] == len(self.groups[self.next]):
             self._launch(sim, self.next)
 
-    def hold(self, sim, nbytes):
-        """A partial gradient (the tied embedding's head part) that is not complete yet."""
-        sim.alloc(nbytes, "gradients")
+    def hold(self, sim, nbytes, name="transformer.wte.weight"):
+        """A partial gradient (the tied embedding's head part) that is not complete yet; from a
+        step's second micro-batch on (kept gradients) it is added into the gradient at once."""
+        if not self.send and name in self.held:
+            sim.temp(nbytes, "gradient accumulation")
+        else:
+            sim.alloc(nbytes, "gradients")
 
-    def release(self, sim, nbytes):
-        sim.free(nbytes, "gradients")
+    def release(self, sim, nbytes, name="transformer.wte.weight"):
+        if self.send or name not in self.held:
+            sim.free(nbytes, "gradients")
 
     def _launch(self, sim, k):
         """Copy group k into a float32 send buffer (and, after the step's first micro-step, a
@@ -265,36 +271,55 @@ def block_bytes(d: Dims, keep_core=True) -> dict:
 
 
 def simulate_stage(cfg, d, base, sink, blocks, stage, batch) -> StepSim:
-    """A pipeline stage: its blocks (and embeddings / head on the first / last stage), with the
-    schedule's micro-batches in flight (1F1B: pp - stage, GPipe: all), each keeping its
-    activations until its backward; the peak is reached in the backward of the first of them."""
+    """A pipeline stage (``PipelineEngine``): its blocks (and the embeddings / head on the first /
+    last stage) running the schedule's steps in order (``pipeline_schedule.schedule``), so the
+    micro-batches in flight (1F1B: up to pp - stage, GPipe: all) each keep their activations until
+    their backward, and from the second backward on every parameter gradient of the stage is alive
+    (the micro-batches add into them). A stage after the first keeps its received input (a leaf)
+    and sends its gradient back; a send's buffer lives until a later receive finds it complete
+    (``PipelineEngine._poke``), here: through the stage's next backward. Simplified: split
+    schedules (ZB-H1) compute the weights' gradients in B, interleaved chunks are not told apart."""
     par, t = cfg.parallel, cfg.train
     first, last = stage == 0, stage == par.pp - 1
-    inflight = par.microbatches if par.schedule == "gpipe" else min(par.microbatches, par.pp - stage)
+    full = t.recompute == "full"
     nc = d.a * d.Ns * d.C
     s = StepSim(d, base + batch, sink, d.a, t.recompute)
-    for _ in range(inflight):
-        if first:
-            embed_fwd(s)
-        else:
-            s.keep("residual", nc)                               # the received activations, a leaf
-        for _ in range(*blocks):
-            block_fwd(s, keep_core=t.recompute != "selective") if t.recompute != "full" else s.keep("residual", nc)
+    kept, sent, backwards = None, 0, 0
+    for kind, _, _ in schedule(par.schedule, par.pp, stage, par.microbatches):
+        if kind == "W":
+            continue
+        if kind == "F":
+            if first:
+                embed_fwd(s)
+            else:
+                s.keep("residual", nc)                           # the received activations, a leaf
+            for _ in range(*blocks):
+                block_fwd_no_grad(s) if full else block_fwd(s, keep_core=t.recompute != "selective")
+            if last:
+                head_fwd(s)
+            kept = kept or dict(s.kept)
+            continue
+        if backwards:
+            sink.new_round()
+        backwards += 1
         if last:
-            head_fwd(s)
-    kept = {k: v // inflight for k, v in s.kept.items()}
-    if last:
-        head_bwd(s)
-    else:
-        s.alloc(nc)                                             # the gradient received
-    for k in reversed(range(*blocks)):
-        if t.recompute == "full":
-            block_fwd(s)
-        block_bwd(s, k, replay_core=t.recompute == "selective")
-    if first:
-        embed_bwd(s)
-    else:
-        s.alloc(nc, "buffers")                                  # the input's gradient, sent back
+            head_bwd(s, own_copy=not first)
+        else:
+            s.alloc(nc)                                          # the gradient received
+        for k in reversed(range(*blocks)):
+            if full:  # the replay: the block's activations, for its backward only
+                block_fwd(s)
+            block_bwd(s, k, replay_core=t.recompute == "selective", output_held=full)
+            if full:
+                s.free(2 * nc)                                   # the replay's output and the first pass's
+        if first:
+            embed_bwd(s, own_copy=not last)
+        else:  # the input leaf goes; its gradient waits in the send, through the next backward
+            s.free(2 * nc)
+            s.alloc(nc, "buffers")
+            s.free(sent, "buffers")
+            sent = nc
+    s.free(sent, "buffers")
     sink.finish(s)
     s.kept = kept
     return s
