@@ -323,6 +323,16 @@ def _join_pairs(overrides) -> list:
     return out
 
 
+def override_text(overrides, key: str):
+    """The text given for ``section.key`` in ``overrides`` (the last one wins), or None."""
+    found = None
+    for item in _join_pairs(overrides):
+        section, name, text = _split_override(item)
+        if f"{section}.{name}" == key:
+            found = text
+    return found
+
+
 def _apply_overrides(d: dict, overrides) -> dict:
     for item in _join_pairs(overrides):
         section, key, text = _split_override(item)

@@ -341,3 +341,19 @@ def test_a_fine_tune_never_mixes_into_another_run(base_run, chat_file, tmp_path,
     assert main([*args, "--train.max_steps=1", "--overwrite"]) == 0
     assert not list(out.glob("lora_*.h5")) and (out / "ckpt_0000001.h5").is_file()
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_the_model_loads_on_the_device_the_overrides_name(base_run, chat_file, tmp_path, monkeypatch):
+    """--train.device beats MINILLM_DEVICE for fine-tuning too: the base model is loaded on the
+    device it trains on (before, it was loaded where MINILLM_DEVICE said, and the override came
+    too late)."""
+    from minillm import backend
+    from minillm.cli import main
+    before = backend.device()
+    monkeypatch.setenv("MINILLM_DEVICE", "gpu" if before == "cpu" else "cpu")
+    try:
+        code = main(["finetune", str(base_run), "--data", str(chat_file), "--out", str(tmp_path / "ft"),
+                     "--train.batch_size=2", "--train.max_steps=1", f"--train.device={before}"])
+        assert code == 0 and backend.device() == before
+    finally:
+        backend.set_device(before)

@@ -24,7 +24,7 @@ from minillm import backend
 from minillm.amp import make_precision
 from minillm.amp.dtypes import compute_dtype
 from minillm.checkpoint import checkpoint_path, save_checkpoint
-from minillm.config import ParallelConfig, apply_overrides, config_to_dict, save_config
+from minillm.config import ParallelConfig, apply_overrides, config_to_dict, override_text, save_config
 from minillm.data.chat import TEMPLATE_TOKENS, chat_tokenizer
 from minillm.errors import ConfigError, UserError
 from minillm.finetune.adapters import adapter_path, save_adapters, sha256
@@ -102,7 +102,8 @@ class Finetuner:
     def __init__(self, ckpt, opts: FinetuneOptions, overrides=(), log=print):
         from minillm.train.inference import load_model, load_run_tokenizer
         self.log, self.opts = log, opts
-        model, cfg, self.base = load_model(ckpt)
+        device = override_text(overrides, "train.device")  # the model is loaded where it will train
+        model, cfg, self.base = load_model(ckpt, None if device in (None, "auto") else device)
         base_tok = load_run_tokenizer(self.base, cfg)
         self.tok = chat_tokenizer(base_tok)
         # ids from here on are tokens this fine-tune adds (None: the base had them all already)
