@@ -25,7 +25,7 @@ train: install
 	$(BIN)/minillm train configs/pydocs_char.toml $(ARGS)
 
 # What the whole suite takes on an idle 2-core machine (measured; README "Two commands").
-TEST_MINUTES := 8
+TEST_MINUTES := 7
 
 test: install-dev
 	@echo "make test: the whole suite takes about $(TEST_MINUTES) minutes on an idle 2-core machine;" \
