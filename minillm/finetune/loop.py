@@ -36,14 +36,11 @@ from minillm.model.recompute import apply_recompute
 from minillm.optim import AdamW, clip_grad_norm, get_lr, param_groups
 from minillm.train.metrics import MetricsLog
 from minillm.train.progress import format_line
-from minillm.train.rundir import RunLock, describe_run, free_name, holds_run, remove_run
+from minillm.train.rundir import claim_run_dir
 
 # [train] defaults for a fine-tune (pretraining's are for long runs); --train.key=value overrides
 FINETUNE_TRAIN = dict(max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=20, schedule="cosine", weight_decay=0.0,
                       batch_size=16, grad_accum=1, eval_interval=100, log_interval=10, ckpt_interval=0)
-
-
-FINETUNE_FILES = ("finetune.json", "summary.json")  # besides train/rundir.py's RUN_FILES
 
 
 @dataclasses.dataclass
@@ -198,26 +195,9 @@ class Finetuner:
                                                      "data": self.opts.data, "lora": bool(self.lora)}},
             "config": config_to_dict(self.cfg), "model": state})
 
-    def claim_run_dir(self) -> RunLock:
-        """The output directory belongs to this fine-tune, as a training run's does
-        (train/rundir.py): the lock first (a concurrent run is named by its PID), then a directory
-        holding another run is an error unless ``--overwrite`` (fine-tunes do not resume)."""
-        lock = RunLock(self.run_dir).acquire()
-        try:
-            if holds_run(self.run_dir) and not self.opts.overwrite:
-                raise UserError(f"{self.run_dir} already holds a run ({describe_run(self.run_dir)}); choose "
-                                f"another --out (e.g. {free_name(self.run_dir)}) or replace it with --overwrite")
-            if self.opts.overwrite:
-                remove_run(self.run_dir)
-                for p in [*self.run_dir.glob("lora_*.h5"), *(self.run_dir / n for n in FINETUNE_FILES)]:
-                    p.unlink(missing_ok=True)
-        except BaseException:
-            lock.release()
-            raise
-        return lock
-
     def run(self):
-        lock = self.claim_run_dir()
+        # the directory belongs to this fine-tune, as a training run's does (fine-tunes do not resume)
+        lock = claim_run_dir(self.run_dir, None, self.opts.overwrite, out_option="--out", resumable=False)
         try:
             return self._run()
         finally:

@@ -26,8 +26,9 @@ from minillm.fileio import check_writable_dir, write_error
 
 LOCK_FILE = "run.lock"
 # What a run writes into its directory (what --overwrite removes); nothing else is touched.
-RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "metrics.png", "timeline.png")
-RUN_PATTERNS = ("ckpt_*.h5", ".ckpt_*.h5.tmp-*", "timeline_rank*.json", ".*.tmp[0-9]*")
+RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "metrics.png", "timeline.png",
+             "finetune.json", "summary.json")  # the last two: a fine-tune's
+RUN_PATTERNS = ("ckpt_*.h5", ".ckpt_*.h5.tmp-*", "timeline_rank*.json", ".*.tmp[0-9]*", "lora_*.h5")
 _MARKS = ("config.toml", "metrics.jsonl")  # with a checkpoint: the signs that a run lives here
 _HINT = "choose another --train.out_dir"
 
@@ -66,8 +67,11 @@ def free_name(run_dir) -> Path:
     return d.with_name(f"{d.name}-{i}")
 
 
-def check_ownership(run_dir, resume=None, overwrite=False) -> None:
-    """UserError unless starting this run in ``run_dir`` keeps every run whole (see module doc)."""
+def check_ownership(run_dir, resume=None, overwrite=False, out_option="--train.out_dir",
+                    resumable=True) -> None:
+    """UserError unless starting this run in ``run_dir`` keeps every run whole (see module doc).
+    ``out_option``: the option that names the directory; ``resumable``: whether the command can
+    continue a run (a fine-tune cannot, so its error offers only a new directory or --overwrite)."""
     d = Path(run_dir)
     inside = resume not in (None, "auto") and Path(resume).resolve().parent == d.resolve()
     if overwrite and (resume == "auto" or inside):
@@ -75,11 +79,12 @@ def check_ownership(run_dir, resume=None, overwrite=False) -> None:
                         f"--resume {resume} continues from; drop one of the two")
     if overwrite or resume == "auto" or inside or not holds_run(d):
         return
-    what = f"train.out_dir {d} already holds a run ({describe_run(d)})"
+    what = f"{out_option.lstrip('-')} {d} already holds a run ({describe_run(d)})"
     if resume is None:
-        raise UserError(f"{what}; continue it with --resume auto, start a new run with "
-                        f"--train.out_dir={free_name(d)}, or replace it with --overwrite")
-    raise UserError(f"{what}; to continue {resume} choose a new --train.out_dir "
+        go_on = "continue it with --resume auto, " if resumable else ""
+        raise UserError(f"{what}; {go_on}start a new run with {out_option}={free_name(d)}, "
+                        f"or replace it with --overwrite")
+    raise UserError(f"{what}; to continue {resume} choose a new {out_option} "
                     f"(e.g. {free_name(d)}), or replace the run in {d} with --overwrite")
 
 
@@ -175,13 +180,14 @@ def _read_holder(fd: int) -> str:
     return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
-def claim_run_dir(run_dir, resume=None, overwrite=False) -> RunLock:
+def claim_run_dir(run_dir, resume=None, overwrite=False, **ownership) -> RunLock:
     """Lock ``run_dir`` and check the run may start there (removing the old run's files under
     ``overwrite``); returns the held lock. The lock comes first, so a concurrent second run is
-    told who holds the directory rather than that it holds a run."""
+    told who holds the directory rather than that it holds a run. ``ownership``: the options of
+    ``check_ownership`` (the directory's option, whether the command resumes)."""
     lock = RunLock(run_dir).acquire()
     try:
-        check_ownership(run_dir, resume, overwrite)
+        check_ownership(run_dir, resume, overwrite, **ownership)
         if overwrite:
             remove_run(run_dir)
     except BaseException:
