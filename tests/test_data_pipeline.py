@@ -321,6 +321,7 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys):
     bad_json.write_text('{"text": "ok"}\n{not json\n')
     assert "line 2 is not valid JSON" in _error(capsys, bad_json, "--out", tmp_path / "o8")
     assert "does not exist" in _error(capsys, tmp_path / "nope", "--clean")
+    assert "is a file" in _error(capsys, root, "--clean", "--out", short / "o10")  # --out under a file
     assert "--dedup-threshold" in _error(capsys, root, "--dedup-threshold", "2", "--out", tmp_path / "o9")
 
 

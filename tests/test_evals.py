@@ -142,11 +142,16 @@ def test_eval_tasks_from_the_command_line(tiny_run, tmp_path, minillm_cli, capsy
     assert got["text:t.txt"]["bits_per_byte"] == pytest.approx(got["text:t.txt"]["loss"] / math.log(2))  # 1 byte/char
     for name in got:
         assert name in r.stdout
+    latin1 = tmp_path / "l1.jsonl"
+    latin1.write_bytes(json.dumps({"prompt": "caf\u00e9", "answer": "1"}, ensure_ascii=False).encode("latin-1"))
     from minillm.cli import main
     for args, words in [(("--task", "exact"), "add --data FILE"),
                         (("--task", "add2", "--format", "chat"), "no chat template tokens"),
                         (("--task", "nope"), "unknown task 'nope'"),
-                        (("--task", f"choice:{exact}"), "ex.jsonl line 1: a choice row needs")]:
+                        (("--task", f"choice:{exact}"), "ex.jsonl line 1: a choice row needs"),
+                        (("--task", f"exact:{latin1}"), "l1.jsonl: not UTF-8"),
+                        (("--task", "add2", "--stop", "\\x"), "--stop="),
+                        (("--task", "add2", "--out", str(text / "r.json")), "choose another --out")]:
         assert main(["eval", str(tiny_run), *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err

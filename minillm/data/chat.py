@@ -95,14 +95,17 @@ def read_jsonl(path) -> list:
     if not path.is_file():
         raise UserError(f"{path}: no such JSONL file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path} line {n}", json.loads(line)))
-            except ValueError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"{path} line {n}", json.loads(line)))
+                except ValueError as e:
+                    raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
     if not rows:
         raise UserError(f"{path} is empty; it needs one JSON object per line")
     return rows

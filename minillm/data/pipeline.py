@@ -42,6 +42,7 @@ from minillm.data.shards import LAYOUT, MANIFEST_FILE, file_sha256, read_manifes
 from minillm.data.tokenizers import (DEFAULT_BPE_VOCAB, ENDOFTEXT, TOKENIZER_FILE, BPETokenizer,
                                      CharTokenizer, _check_kind, get_tokenizer, load_tokenizer)
 from minillm.errors import UserError
+from minillm.fileio import check_writable_dir, write_error
 
 WORK = "_work"
 FORMAT = 1
@@ -107,8 +108,7 @@ class _Run:
 
     def start(self) -> dict | None:
         """Reuse a finished dataset, resume a matching unfinished one, or start afresh."""
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"{self.out} exists and is not a directory; choose another --out")
+        check_writable_dir(self.out, "dataset directory", "choose another --out")
         if (self.out / "meta.json").exists() or (self.out / "train.bin").exists():
             raise UserError(f"{self.out} holds a single-file dataset; choose another --out or "
                             "delete it")
@@ -338,7 +338,16 @@ def config_from_args(args) -> PrepareConfig:
 
 
 def prepare_sharded(cfg: PrepareConfig, verbose: bool = True, print_report: bool = False) -> dict:
-    """Run (or resume, or reuse) the pipeline into ``cfg.out_dir``; returns the manifest."""
+    """Run (or resume, or reuse) the pipeline into ``cfg.out_dir``; returns the manifest. A disk
+    that refuses a write (full, read-only) is one error line; running again resumes."""
+    try:
+        return _prepare_sharded(cfg, verbose, print_report)
+    except OSError as e:
+        raise write_error("dataset", cfg.out_dir, e, "free space or choose another --out; running "
+                          "the same command again resumes") from None
+
+
+def _prepare_sharded(cfg: PrepareConfig, verbose: bool, print_report: bool) -> dict:
     from minillm.data.dataset import token_dtype
     run = _Run(cfg, verbose)
     done = run.start()

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from minillm.errors import UserError
+from minillm.fileio import check_writable_file
 from minillm.evals.runner import load_for_eval, results_table, run_task, use_chat, write_results
 from minillm.evals.tasks import load_task
 
@@ -15,6 +16,15 @@ def _val_tokens(source, split):
     return TokenDataset(data_dir(cfg), split).tokens
 
 
+def _unescape_stop(text: str) -> str:
+    """``--stop`` with backslash escapes read ("\\n" from the command line is a newline); any
+    other character, non-ASCII included, stays as typed."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--stop={text!r}: bad backslash escape ({e.reason}); write a newline as \\n") from None
+
+
 def eval_tasks(args) -> int:
     if args.n is not None and args.n < 1:
         raise UserError(f"--n={args.n} must be >= 1")
@@ -22,9 +32,11 @@ def eval_tasks(args) -> int:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     if args.split not in ("val", "train"):
         raise UserError(f"--split={args.split!r} must be 'val' or 'train'")
+    stop = _unescape_stop(args.stop)
+    if args.out:
+        check_writable_file(args.out, "results file", "choose another --out")
     model, tok, source = load_for_eval(args.path, args.device)
     use_chat(tok, args.format)  # a bad --format fails before any work
-    stop = args.stop.encode().decode("unicode_escape")  # "\\n" from the command line is a newline
     results = []
     for name in args.task:
         tokens = _val_tokens(source, args.split) if name == "val" else None

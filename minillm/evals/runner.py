@@ -8,6 +8,7 @@ from pathlib import Path
 from minillm import __version__
 from minillm.data.chat import END, has_template, prompt_ids, require_template
 from minillm.errors import UserError
+from minillm.fileio import write_atomic
 from minillm.evals.scoring import continuation_logprobs, greedy_answers, text_loss, byte_length
 
 FORMATS = ("auto", "plain", "chat")
@@ -116,10 +117,7 @@ def results_table(results) -> str:
 
 
 def write_results(path, source, results) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"checkpoint": str(source), "minillm_version": __version__,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "results": results}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
+    return write_atomic(path, json.dumps(doc, indent=1) + "\n", "results file", "choose another --out")
