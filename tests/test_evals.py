@@ -39,6 +39,22 @@ def test_bits_per_byte_is_loss_over_ln2_times_bytes_per_token():
     assert r["bytes_per_token"] > 1.5  # the BPE case really has several bytes per token
 
 
+def test_a_padded_vocabulary_gets_no_probability_as_in_minillm_eval():
+    """A model whose vocabulary is padded past the tokenizer's (tensor parallelism, round sizes):
+    the padded ids are masked before the softmax, exactly as `minillm eval` scores."""
+    tok = CharTokenizer.train(TEXT)
+    ids = tok.encode(TEXT)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size + 5, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0)
+    r = text_loss(model, tok, ids, batch_size=3)
+    nll = 0.0
+    with no_grad():
+        for s in range(0, len(ids) - 1, 16):
+            x, y = ids[s:s + 16], ids[s + 1:s + 17]
+            logits = model(np.asarray([x[:len(y)]]))[0][..., :tok.vocab_size]  # the real ids only
+            nll += float(F.cross_entropy(logits, np.asarray([y])).data) * len(y)
+    assert r["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-6)
+
+
 def test_continuation_logprobs_equal_a_direct_sum_with_padding_and_truncation():
     model = GPT(GPTConfig(vocab_size=9, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=1)
     rng = np.random.default_rng(0)

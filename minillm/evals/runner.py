@@ -62,7 +62,7 @@ def _choice(model, tok, task, examples):
         ctx = _encode(tok, r["context"], f"{task.name} row {i}")
         spans.append((len(pairs), len(r["choices"])))
         pairs += [(ctx, _encode(tok, c, f"{task.name} row {i}")) for c in r["choices"]]
-    scores = continuation_logprobs(model, pairs)
+    scores = continuation_logprobs(model, pairs, n_valid=tok.vocab_size)
     right = right_norm = 0
     shown = []
     for r, (start, k) in zip(task.rows, spans):

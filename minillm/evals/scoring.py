@@ -13,7 +13,9 @@ import numpy
 
 import minillm.functional as F
 from minillm import backend
-from minillm.autograd.tensor import no_grad
+from minillm.autograd.tensor import Tensor, no_grad
+from minillm.backend import xp
+from minillm.model.vocab import mask_padded_logits
 
 
 def byte_length(tok, ids) -> int:
@@ -28,12 +30,15 @@ def bits_per_byte(loss, n_tokens, n_bytes) -> float:
     return loss * n_tokens / (math.log(2) * n_bytes)
 
 
-def _token_logprobs(model, x, y):
-    """log p(y | x) per position, (B, T) float64 on the host; x, y (B, T) int arrays."""
+def _token_logprobs(model, x, y, n_valid=None):
+    """log p(y | x) per position, (B, T) float64 on the host; x, y (B, T) int arrays. Ids at or
+    past ``n_valid`` (a padded vocabulary's) get no probability, as in ``minillm eval``. Only the
+    (B, T) picked values leave the device, never the (B, T, V) log-probabilities."""
     logits, _ = model(backend.asarray(x))
+    logits = Tensor(mask_padded_logits(logits.data, n_valid))                   # (B, T, V)
     logp = F.log_softmax(logits).data                                            # (B, T, V)
-    host = backend.to_numpy(logp).astype(numpy.float64)
-    return numpy.take_along_axis(host, y[..., None], axis=-1)[..., 0]           # (B, T)
+    picked = xp.take_along_axis(logp, backend.asarray(y)[..., None], axis=-1)    # (B, T, 1)
+    return backend.to_numpy(picked[..., 0]).astype(numpy.float64)               # (B, T)
 
 
 def text_loss(model, tok, ids, batch_size=8) -> dict:
@@ -53,7 +58,7 @@ def text_loss(model, tok, ids, batch_size=8) -> dict:
             y = numpy.zeros_like(x)
             for r, (s, n) in enumerate(zip(chunk, lengths)):
                 x[r, :n], y[r, :n] = ids[s:s + n], ids[s + 1:s + 1 + n]
-            lp = _token_logprobs(model, x, y)
+            lp = _token_logprobs(model, x, y, tok.vocab_size)
             total -= sum(lp[r, :n].sum() for r, n in enumerate(lengths))
     n_tok = len(ids) - 1
     n_bytes = byte_length(tok, ids[1:])
@@ -62,7 +67,7 @@ def text_loss(model, tok, ids, batch_size=8) -> dict:
             "tokens": n_tok, "bytes": n_bytes, "bytes_per_token": n_bytes / n_tok}
 
 
-def continuation_logprobs(model, pairs, batch_size=16):
+def continuation_logprobs(model, pairs, batch_size=16, n_valid=None):
     """For each (context ids, continuation ids): the summed log-probability of the continuation
     after the context. Contexts are cut on the left to fit block_size; sequences of a batch are
     padded on the right, which a causal model never sees."""
@@ -82,7 +87,7 @@ def continuation_logprobs(model, pairs, batch_size=16):
             y = numpy.zeros((len(chunk), L), numpy.int64)
             for r, (s, _) in enumerate(chunk):
                 x[r, :len(s) - 1], y[r, :len(s) - 1] = s[:-1], s[1:]
-            lp = _token_logprobs(model, x, y)
+            lp = _token_logprobs(model, x, y, n_valid)
             for r, (s, n) in enumerate(chunk):
                 out.append(float(lp[r, len(s) - 1 - n:len(s) - 1].sum()))
     return out
