@@ -305,8 +305,9 @@ def test_thread_choice(monkeypatch):
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
     small = load_config(TINY_CONFIG)
     wide = load_config(TINY_CONFIG, [f"--model.n_embd={threads.WIDE}", "--model.n_head=8"])
-    assert threads.choose_threads(small) == (1, f"model.n_embd < {threads.WIDE}: one is faster")
-    assert threads.choose_threads(wide) == (8, "all cores")
+    assert threads.choose_threads(small, gpu=False) == (1, f"model.n_embd < {threads.WIDE}: one is faster")
+    assert threads.choose_threads(wide, gpu=False) == (8, "all cores")
+    assert threads.choose_threads(wide, gpu=True) == (1, "GPU run")  # train.device "auto" says nothing
     assert threads.choose_threads(wide, world_size=2) == (1, "one per MPI rank")
     assert threads.choose_threads(load_config(TINY_CONFIG, ["--train.threads=3"]), 2) == (3, "train.threads")
     from threadpoolctl import threadpool_info

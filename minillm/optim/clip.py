@@ -105,6 +105,8 @@ def clip_grad_norm_device(params, max_norm: float, reduce=None):
         by_dtype = {}
         for p in params:
             if p.grad is not None:
-                c = by_dtype.setdefault(p.grad.dtype, coef.astype(p.grad.dtype))
+                c = by_dtype.get(p.grad.dtype)
+                if c is None:  # one cast per dtype, not one per parameter
+                    c = by_dtype[p.grad.dtype] = coef.astype(p.grad.dtype)
                 p.grad *= c
     return norm

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from minillm import backend
+
 WIDE = 512  # n_embd from which matmuls are big enough for a second thread to pay (measured)
 
 
@@ -27,14 +29,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads(cfg, world_size: int = 1) -> tuple[int, str]:
-    """(BLAS threads, the reason in a few words) for a run of ``cfg`` on ``world_size`` ranks."""
+def choose_threads(cfg, world_size: int = 1, gpu: bool | None = None) -> tuple[int, str]:
+    """(BLAS threads, the reason in a few words) for a run of ``cfg`` on ``world_size`` ranks;
+    ``gpu``: whether it runs on the GPU (default: the active device, which ``train.device="auto"``
+    alone cannot tell)."""
     t = cfg.train
+    gpu = backend.is_gpu() if gpu is None else gpu
     if t.threads > 0:
         return t.threads, "train.threads"
     if world_size > 1:
         return 1, "one per MPI rank"
-    if t.device == "gpu":
+    if gpu:
         return 1, "GPU run"
     if cfg.model.n_embd < WIDE:
         return 1, f"model.n_embd < {WIDE}: one is faster"
