@@ -240,14 +240,16 @@ class VocabParallelCE(Function):
         if targets.shape != logits.shape[:-1]:
             raise ValueError(f"cross_entropy: targets of shape {targets.shape} do not match logits "
                              f"of shape {logits.shape} (expected {logits.shape[:-1]})")
-        x = xp.array(upcast(logits), order="C", copy=True).reshape(-1, Vl)  # (N, V/tp), float32 or 64
+        x = upcast(logits)                                    # float32 or 64, written in place below
+        x = (x.copy(order="C") if x is logits else xp.ascontiguousarray(x)).reshape(-1, Vl)  # (N, V/tp)
         real = min(max(vocab_size - start, 0), Vl)            # columns of real tokens here
         x[:, real:] = -xp.inf
         t = targets.reshape(-1)                               # (N,)
         valid = t != ignore_index
-        t_safe = xp.where(valid, t, 0)
-        if t_safe.size and (int(t_safe.max()) >= vocab_size or int(t_safe.min()) < 0):
-            raise ValueError(f"cross_entropy: target ids must be in [0, {vocab_size}) (or ignore_index)")
+        # as in the plain cross-entropy: checked without stalling a GPU (every tp rank holds the
+        # same targets, so every rank raises), and bad ids own no column
+        backend.check((((t < 0) | (t >= vocab_size)) & valid).any(),
+                      f"cross_entropy: target ids must be in [0, {vocab_size}) (or ignore_index)")
         local = t - start
         owned = valid & (local >= 0) & (local < real)          # rows whose target is in my columns
         local = xp.where(owned, local, 0)
@@ -261,7 +263,7 @@ class VocabParallelCE(Function):
         comm.allreduce_(both)                                 # sum of exp, target's shifted logit
         x /= both[0][:, None]                                 # this rank's softmax columns
         logp = both[1] - xp.log(both[0])                      # (N,)
-        n = max(int(valid.sum()), 1)
+        n = xp.maximum(valid.sum(), 1).astype(x.dtype)        # rows that count, on the device
         ctx.save_for_backward(x, local, owned, valid)
         ctx.n, ctx.shape, ctx.dtype = n, logits.shape, logits.dtype
         return xp.asarray(-(logp * valid).sum() / n, dtype=x.dtype)
