@@ -160,6 +160,21 @@ def test_text_stream_holds_back_possible_stop_strings():
     assert [t.push(b) for b in "é!".encode()] == ["", "é", "!"]    # a split UTF-8 character
 
 
+def test_text_stream_decodes_new_tokens_only_and_equals_the_whole_decode():
+    """A push decodes the ids after the last whole character, not the whole answer again (the
+    server pays this per token per row); the streamed text is still exactly the whole decode."""
+    sizes = []
+
+    def decode(ids):
+        sizes.append(len(ids))
+        return bytes(ids).decode("utf-8", errors="replace")
+    data = "héllo wörld ✓ ".encode() + b"\x80\xff" + "bye €".encode()
+    t = TextStream(decode)
+    streamed = "".join(t.push(b) for b in data) + t.finish()
+    assert streamed == t.text == data.decode("utf-8", errors="replace")
+    assert sum(sizes) <= 4 * len(data)   # whole decodes each time would be len * (len + 1) / 2
+
+
 def test_stop_strings_end_a_row_early():
     from minillm.data import CharTokenizer
     tok = CharTokenizer.train("".join(chr(60 + i) for i in range(V)))   # "<" .. "c"
