@@ -7,6 +7,7 @@ every rank runs this same entry point; an error on any rank ends the whole job.
 import argparse
 import sys
 
+from minillm.choices import DEVICES
 from minillm.errors import UserError
 
 _EPILOG = """examples:
@@ -48,11 +49,11 @@ def _add_eval_task_args(s):
                    help="val, add2, add3, copy, pydocs-cloze, or text|choice|exact with --data (or as "
                         "text:FILE); repeatable; without --task: the validation loss, as before")
     s.add_argument("--data", default=None, help="the text file (text) or JSONL rows (choice, exact)")
-    s.add_argument("--n", type=int, default=None, help="rows per task (default: all; built-in: 500)")
+    s.add_argument("--n", type=_count, default=None, help="rows per task (default: all; built-in: 500)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generated tasks")
     s.add_argument("--format", default="auto", help="auto | plain | chat prompts for exact tasks "
                                                      "(auto: chat when the tokenizer has the template)")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="exact tasks (default: answer + 2)")
+    s.add_argument("--max-new-tokens", type=_count, default=None, help="exact tasks (default: answer + 2)")
     s.add_argument("--stop", default="\n", help="where a plain-prompt answer ends (default newline)")
     s.add_argument("--out", default=None, help="results JSON (default: eval_results.json next to the checkpoint)")
 
@@ -83,18 +84,18 @@ def build_parser():
                        ("eval", "validation loss and perplexity of a trained model")):
         s = sub.add_parser(name, help=text)
         s.add_argument("path", help="a run directory or a checkpoint .h5 file")
-        s.add_argument("--device", default=None, choices=("cpu", "gpu"),
+        s.add_argument("--device", default=None, choices=DEVICES,
                        help="cpu | gpu (default: the run's train.device, else MINILLM_DEVICE, else cpu)")
         if name == "sample":
             s.add_argument("--prompt", default="")
-            s.add_argument("--max-new-tokens", type=int, default=200)
+            s.add_argument("--max-new-tokens", type=_count, default=200)
             s.add_argument("--temperature", type=float, default=0.8)
             s.add_argument("--top-k", type=int, default=None)
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--num-samples", type=_count, default=1)
         else:
             s.add_argument("--iters", type=_count, default=None, help="batches (default train.eval_iters)")
-            s.add_argument("--split", default="val", help="val | train")
+            s.add_argument("--split", default="val", choices=("val", "train"), help="val | train")
             _add_eval_task_args(s)
 
     s = sub.add_parser("finetune", help="supervised fine-tuning on chat JSONL, fully or with LoRA "
@@ -136,11 +137,12 @@ def build_parser():
     s.add_argument("path", help="a run directory, a checkpoint or a quantized .h5 file")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--device", default=None, help="cpu | gpu (default: cpu)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--device", default=None, choices=DEVICES,
+                   help="cpu | gpu (default: the run's train.device, else MINILLM_DEVICE, else cpu)")
+    s.add_argument("--max-batch", type=_count, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the batch (more: 429)")
-    s.add_argument("--max-prompt-tokens", type=int, default=None, help="default: block_size")
-    s.add_argument("--max-new-tokens", type=int, default=512, help="the most a request may ask for")
+    s.add_argument("--max-prompt-tokens", type=_count, default=None, help="default: block_size")
+    s.add_argument("--max-new-tokens", type=_count, default=512, help="the most a request may ask for")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
 
     s = sub.add_parser("bench", help="time forward / backward / optimizer of a config")
@@ -154,7 +156,7 @@ def build_parser():
     s.add_argument("config", nargs="?", default=None)
     s.add_argument("--measure", action="store_true", help="also run a few steps and measure the peak")
     s.add_argument("--memory-limit", default=None, help="refuse layouts predicted above this, e.g. 16GiB")
-    s.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up)")
+    s.add_argument("--steps", type=_count, default=2, help="measured steps (after one warm-up)")
     s.add_argument("--json", action="store_true", help="print the ledger as JSON")
     return p
 
@@ -250,8 +252,6 @@ examples:
 
 def _sample(args):
     from minillm.train.inference import load_model, load_run_tokenizer, sample_text
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     if args.temperature < 0:
         raise UserError(f"--temperature={args.temperature} must be >= 0 (0 = always the likeliest token)")
     if args.top_k is not None and args.top_k < 1:
@@ -273,8 +273,6 @@ def _eval(args):
         from minillm.evals.cli import eval_tasks
         return eval_tasks(args)
     from minillm.train.inference import evaluate, load_model
-    if args.split not in ("val", "train"):
-        raise UserError(f"--split={args.split!r} must be 'val' or 'train'")
     model, cfg, ckpt = load_model(args.path, args.device)
     r = evaluate(model, cfg, args.iters, args.split)
     print(f"{ckpt}: {r['split']} loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f} | "
@@ -329,8 +327,6 @@ def _serve(args):
 
 def _bench(args, overrides):
     from minillm.perf.bench import run_bench
-    if args.steps < 1:
-        raise UserError(f"--steps={args.steps} must be >= 1")
     run_bench(args.config, overrides, steps=args.steps, with_torch=args.torch, threads=args.threads,
               as_json=args.json)
     return 0
@@ -343,8 +339,6 @@ def _memory(args, overrides, state):
     comm = state["comm"] = get_world_comm()  # under mpirun rank 0 prints; --measure measures every rank
     if comm.size > 1:
         install_abort_handler(comm)
-    if args.steps < 1:
-        raise UserError(f"--steps={args.steps} must be >= 1")
     return memory_command(args.config, overrides, measure=args.measure, limit=args.memory_limit,
                           steps=args.steps, as_json=args.json, comm=comm)
 

@@ -194,4 +194,4 @@ def test_serving_something_that_is_not_a_model_is_one_line_exit_2(tiny_run, mini
     r = minillm_cli("serve", tiny_run / "metrics.jsonl", "--port", 0, cwd=tiny_run.parent)
     assert_user_error(r, "metrics.jsonl", "not an HDF5 file")
     r = minillm_cli("serve", tiny_run, "--port", 0, "--max-batch", 0, cwd=tiny_run.parent)
-    assert_user_error(r, "--max-batch=0")
+    assert_user_error(r, "--max-batch: must be >= 1, got 0")

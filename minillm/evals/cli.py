@@ -26,12 +26,6 @@ def _unescape_stop(text: str) -> str:
 
 
 def eval_tasks(args) -> int:
-    if args.n is not None and args.n < 1:
-        raise UserError(f"--n={args.n} must be >= 1")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    if args.split not in ("val", "train"):
-        raise UserError(f"--split={args.split!r} must be 'val' or 'train'")
     stop = _unescape_stop(args.stop)
     if args.out:
         check_writable_file(args.out, "results file", "choose another --out")

@@ -256,9 +256,6 @@ def make_server(host, port):
 def serve_command(args):
     """Run the server until SIGTERM / Ctrl-C, then drain and return 0."""
     from minillm.train.inference import load_model, load_run_tokenizer
-    for name in ("max_batch", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.max_queue < 0:
         raise UserError(f"--max-queue={args.max_queue} must be >= 0")
     if not 0 <= args.port <= 65535:
@@ -273,8 +270,6 @@ def serve_command(args):
     tokenizer = load_run_tokenizer(ckpt, cfg)
     bs = cfg.model.block_size
     max_prompt = args.max_prompt_tokens or bs
-    if max_prompt < 1:
-        raise UserError(f"--max-prompt-tokens={max_prompt} must be >= 1")
     bits = next((m.qweight.bits for _, m in model.named_modules() if hasattr(m, "qweight")), None)
     info = {"model": str(ckpt), "block_size": bs, "vocab_size": cfg.model.vocab_size,
             "quantized_bits": bits, "max_prompt_tokens": max_prompt, "max_new_tokens": args.max_new_tokens}
