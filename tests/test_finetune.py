@@ -137,6 +137,20 @@ def test_fused_lora_linear_gradcheck_against_the_formula(bias, frozen):
         assert t[1].grad is None and t[2].grad is None
 
 
+def test_head_over_new_token_rows_gradchecks_and_equals_the_plain_linear():
+    """The head of a fine-tune that adds tokens: gradients for x and the new rows only (checked
+    against central differences), and the output bit for bit the Linear over the whole table."""
+    from minillm.autograd.gradcheck import gradcheck
+    from minillm.finetune.lora import NewRowsLinear
+    rng = np.random.default_rng(4)
+    x, old, new = (backend.asarray(rng.standard_normal(s)) for s in ((2, 3, 5), (6, 5), (2, 5)))
+    t = [Tensor(x, requires_grad=True), Tensor(new, requires_grad=True)]
+    assert gradcheck(lambda x_, n_: NewRowsLinear.apply(x_, n_, frozen=old), t).ok
+    table = Tensor(backend.asarray(np.concatenate([backend.to_numpy(old), backend.to_numpy(new)])))
+    np.testing.assert_array_equal(NewRowsLinear.apply(Tensor(x), Tensor(new), frozen=old).numpy(),
+                                  F.linear(Tensor(x), table).numpy())
+
+
 def test_lora_starts_as_the_base_and_merged_equals_unmerged():
     model = GPT(GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, mlp="swiglu"), seed=0)
     idx = backend.asarray(np.random.default_rng(1).integers(0, 17, (2, 8)))

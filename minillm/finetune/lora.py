@@ -18,6 +18,8 @@ import numpy
 
 import minillm.functional as F
 from minillm import backend
+from minillm.autograd.function import Function
+from minillm.autograd.ops import acc_dtype, mm, mm_operand
 from minillm.autograd.tensor import Tensor
 from minillm.backend import xp
 from minillm.errors import UserError
@@ -62,6 +64,33 @@ class LoRALinear(Module):
             self.merged = False
 
 
+class NewRowsLinear(Function):
+    """y = x @ [frozen; new].T, the output layer over a token table whose last n rows train.
+
+    One GEMM over the whole table, as the base model's head (the same bits); backward gives x
+    its gradient and the n new rows theirs, and never computes the (V, C) weight gradient of the
+    frozen rows, which a Linear over the concatenated table would (the largest GEMM of a small GPT).
+    """
+
+    @staticmethod
+    def forward(ctx, x, new, frozen=None):
+        table = xp.concatenate([frozen, new], axis=0)         # (V + n, C)
+        x2 = x.reshape(-1, x.shape[-1])                       # (N, C)
+        y = mm(x2, table.T, dtype=acc_dtype(x.dtype))         # (N, V + n)
+        ctx.save_for_backward(x2, table)
+        ctx.x_shape, ctx.start = x.shape, frozen.shape[0]
+        return y.astype(x.dtype, copy=False).reshape(x.shape[:-1] + (table.shape[0],))  # (..., V + n)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, table = ctx.saved_tensors
+        need_x, need_new = ctx.needs_input_grad[:2]
+        g2 = mm_operand(g.reshape(-1, g.shape[-1]))           # (N, V + n)
+        gx = mm(g2, table, dtype=g.dtype).reshape(ctx.x_shape) if need_x else None
+        gnew = mm(g2[:, ctx.start:].T, x2, dtype=g.dtype) if need_new else None  # (n, C)
+        return gx, gnew
+
+
 class TokenRows(Module):
     """A frozen (V + n, C) token table whose last n rows (tokens added by the fine-tune) train as
     their own Parameter ``new_rows``. As the embedding it looks rows up; as an untied output
@@ -76,9 +105,12 @@ class TokenRows(Module):
         old = Tensor(self.weight.data[:self.start], _check=False)               # (V, C), frozen
         return F.concatenate([old, self.new_rows], axis=0)                      # (V + n, C)
 
+    def project(self, x):
+        return NewRowsLinear.apply(x, self.new_rows, frozen=self.weight.data[:self.start])  # (B, T, V + n)
+
     def forward(self, x):
         if self.head:
-            return F.linear(x, self.table())                                    # (B, T, V + n)
+            return self.project(x)                                              # (B, T, V + n)
         return F.embedding(x, self.table())                                     # (B, T, C)
 
     def merge(self):
@@ -93,7 +125,7 @@ class _TiedHead(Module):
         self.rows = rows
 
     def forward(self, x):
-        return F.linear(x, self.rows.table())                                   # (B, T, V + n)
+        return self.rows.project(x)                                             # (B, T, V + n)
 
 
 def linear_names(model):
