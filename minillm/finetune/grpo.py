@@ -20,7 +20,8 @@ from minillm import backend
 from minillm.data.chat import END
 from minillm.errors import UserError
 from minillm.finetune.loop import Finetuner
-from minillm.optim import clip_grad_norm, get_lr
+from minillm.optim import get_lr
+from minillm.train.update import apply_update
 
 
 def exact_match(got, answer) -> float:
@@ -94,15 +95,11 @@ class GroupRL(Finetuner):
                 loss = -(picked * weights).sum()
                 self.precision.scale_loss(loss).backward()
                 found_inf = self.precision.grads_to_master()
-            loss_value = float(loss.data)
-            grad_norm = clip_grad_norm([p for _, p in self.precision.master_params], t.grad_clip)
-            if not found_inf:
-                self.optimizer.step(lr=lr)
-                self.precision.master_to_model()
-            self.precision.update(found_inf)
+            grad_norm = apply_update(self.precision, self.optimizer, lr, t.grad_clip, found_inf)
+            loss_value, grad_norm = backend.fetch(loss.data, grad_norm)
         else:
             grad_norm = 0.0
-        self.optimizer.zero_grad()
+            self.optimizer.zero_grad()
         self.model.zero_grad()
         self.last_reward = reward
         return loss_value, lr, grad_norm, n_tok

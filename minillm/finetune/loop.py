@@ -2,7 +2,7 @@
 
 The trainer's loop in miniature, serial (one process): packed chat rows -> model with a
 document mask -> loss on assistant tokens only -> backward -> clip -> AdamW -> log -> save.
-It reuses the pretraining pieces (AdamW with parameter groups, get_lr, clip_grad_norm, the
+It reuses the pretraining pieces (AdamW with parameter groups, get_lr, train/update.apply_update, the
 precision objects, save_checkpoint) and writes its own run directory:
 
     config.toml     the base run's config, vocab grown, [train] as this fine-tune ran it
@@ -33,10 +33,11 @@ from minillm.finetune.lora import apply_lora, base_state, parameter_report, trai
 from minillm.finetune.vocab import grow_vocab
 from minillm.model import document_mask
 from minillm.model.recompute import apply_recompute
-from minillm.optim import AdamW, clip_grad_norm, get_lr, param_groups
+from minillm.optim import AdamW, get_lr, param_groups
 from minillm.train.metrics import MetricsLog
 from minillm.train.progress import format_line
 from minillm.train.rundir import claim_run_dir
+from minillm.train.update import apply_update
 
 # [train] defaults for a fine-tune (pretraining's are for long runs); --train.key=value overrides
 FINETUNE_TRAIN = dict(max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=20, schedule="cosine", weight_decay=0.0,
@@ -169,14 +170,10 @@ class Finetuner:
             loss = self.loss(x, y, doc)
             self.precision.scale_loss(loss).backward()
             found_inf = self.precision.grads_to_master()
-        grad_norm = clip_grad_norm([p for _, p in self.precision.master_params], t.grad_clip)
-        if not found_inf:
-            self.optimizer.step(lr=lr)
-            self.precision.master_to_model()
-        self.precision.update(found_inf)
-        self.optimizer.zero_grad()
+        grad_norm = apply_update(self.precision, self.optimizer, lr, t.grad_clip, found_inf)
         self.model.zero_grad()
-        return float(loss.data), lr, grad_norm, int((y >= 0).sum())
+        loss, grad_norm = backend.fetch(loss.data, grad_norm)  # one read of the device per step
+        return loss, lr, grad_norm, int((y >= 0).sum())
 
     def step_metrics(self):
         """Extra fields for this step's metrics record (a subclass's, e.g. GRPO's reward)."""

@@ -37,7 +37,7 @@ from minillm.errors import UserError
 from minillm.fileio import write_atomic, write_error
 from minillm.model import GPT
 from minillm.config_section import parse_size
-from minillm.optim import check_no_decay, clip_grad_norm_device, get_lr
+from minillm.optim import check_no_decay, get_lr
 from minillm.perf.allocator import tune_host_allocator
 from minillm.perf.memory import check_memory_limit, memory_ledger
 from minillm.perf.flops import flops_per_token, matmul_params, measure_matmul_peak
@@ -46,6 +46,7 @@ from minillm.train.build import build_engine
 from minillm.train.metrics import MetricsLog
 from minillm.train.progress import MFU, Progress, summary_line
 from minillm.train.rundir import claim_run_dir, resume_command
+from minillm.train.update import apply_update
 
 class _StopFlag:
     """Set by SIGTERM / SIGINT; the loop finishes its step, saves, and exits cleanly."""
@@ -285,13 +286,8 @@ class Trainer:
         with self.precision.quiet():
             loss = self.engine.forward_backward(mbs)
             found_inf = self.precision.grads_to_master(agree=self.engine.agree)  # same on every rank
-        params = [p for _, p in self.precision.master_params]
-        grad_norm = clip_grad_norm_device(params, t.grad_clip, reduce=self.engine.grad_sq_reduce)
-        if not found_inf:
-            self.optimizer.step(lr=lr)
-            self.precision.master_to_model()  # so evaluation and samples see this step's weights
-        self.precision.update(found_inf)
-        self.optimizer.zero_grad()
+        grad_norm = apply_update(self.precision, self.optimizer, lr, t.grad_clip, found_inf,
+                                 reduce=self.engine.grad_sq_reduce)
         self.engine.zero_grad()
         return loss, lr, grad_norm, found_inf
 
