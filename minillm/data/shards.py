@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from minillm.errors import UserError
+from minillm.fileio import file_sha256
 
 MANIFEST_FILE = "manifest.json"
 LAYOUT = "shards"
@@ -46,14 +47,6 @@ def read_manifest(data_dir) -> dict | None:
 
 def shard_name(split: str, i: int) -> str:
     return f"{split}_{i:06d}.bin"
-
-
-def file_sha256(path, chunk: int = 1 << 18) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Stream:

@@ -22,6 +22,12 @@ _WIRE = {"allreduce": lambda p: 2 * (p - 1) / p, "allgather": lambda p: (p - 1) 
          "send": lambda p: 1.0, "recv": lambda p: 0.0, "allreduce_scalar": lambda p: 2 * (p - 1) / p}
 
 
+
+def wire_bytes(payload: dict, size: int) -> float:
+    """Bytes one rank of ``size`` sends for these payloads with ring algorithms (0 alone)."""
+    return sum(_WIRE[op](size) * n for op, n in payload.items()) if size > 1 else 0.0
+
+
 class CountingComm:
     """``comm`` with a tally: ``calls[op]``, ``payload[op]`` (bytes) and ``seconds[op]`` since the
     last ``reset``."""
@@ -53,7 +59,7 @@ class CountingComm:
 
     def wire_bytes(self) -> float:
         """Bytes this rank sent, with ring algorithms for the collectives."""
-        return sum(_WIRE[op](self.size) * n for op, n in self.payload.items() if self.size > 1)
+        return wire_bytes(self.payload, self.size)
 
     # ---- counted -------------------------------------------------------------------------------
     def allreduce_(self, a, op="sum"):

@@ -9,25 +9,17 @@
 Loading reads the base checkpoint, checks it is the same file (sha256), grows its vocabulary,
 attaches the adapters and merges them: a plain GPT comes out.
 """
-import hashlib
 from pathlib import Path
 
 from minillm.checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
 from minillm.config import config_from_dict
 from minillm.data.tokenizers import tokenizer_from_dict
 from minillm.errors import UserError
+from minillm.fileio import file_sha256
 from minillm.finetune.lora import apply_lora, merge_lora
 from minillm.finetune.vocab import grow_vocab
 
 PREFIX = "lora_"
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def adapter_path(run_dir, step) -> Path:
@@ -38,7 +30,7 @@ def save_adapters(path, step, base, cfg, tok, lora, arrays) -> Path:
     """Write an adapter file. ``lora``: rank, alpha, targets, new_tokens_from; ``arrays``: name ->
     array of the trained adapter parameters."""
     state = {"meta": {"kind": "lora", "step": int(step), "base_checkpoint": str(Path(base).resolve()),
-                      "base_sha256": sha256(base), **lora},
+                      "base_sha256": file_sha256(base), **lora},
              "config": cfg, "tokenizer": tok.to_dict(), "adapters": dict(arrays)}
     return save_checkpoint(path, state)
 
@@ -67,7 +59,7 @@ def load_adapted(path, device=None, merge=True):
     base = Path(meta["base_checkpoint"])
     if not base.is_file():
         raise UserError(f"{path}: its base checkpoint {base} is missing; the adapters only make sense on it")
-    if sha256(base) != meta["base_sha256"]:
+    if file_sha256(base) != meta["base_sha256"]:
         raise UserError(f"{path}: the base checkpoint {base} changed since the adapters were trained "
                         f"(sha256 differs); use the checkpoint they were trained on")
     model, _, _ = load_model(base, device)

@@ -27,7 +27,8 @@ from minillm.checkpoint import checkpoint_path, save_checkpoint
 from minillm.config import ParallelConfig, apply_overrides, config_to_dict, override_text, save_config
 from minillm.data.chat import TEMPLATE_TOKENS, chat_tokenizer
 from minillm.errors import ConfigError, UserError
-from minillm.finetune.adapters import adapter_path, save_adapters, sha256
+from minillm.fileio import file_sha256
+from minillm.finetune.adapters import adapter_path, save_adapters
 from minillm.finetune.data import PackedBatches, load_examples, pack, split_examples, tokenize_rows
 from minillm.finetune.lora import apply_lora, base_state, parameter_report, trainable_parameters
 from minillm.finetune.vocab import grow_vocab
@@ -139,7 +140,7 @@ class Finetuner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.toml")
         self.tok.save(self.run_dir)
-        info = {"base_checkpoint": str(Path(self.base).resolve()), "base_sha256": sha256(self.base),
+        info = {"base_checkpoint": str(Path(self.base).resolve()), "base_sha256": file_sha256(self.base),
                 "data": self.opts.data, "train_examples": len(self.train_ex), "val_examples": len(self.val_ex),
                 "template_tokens": list(TEMPLATE_TOKENS), "pack": self.opts.pack, "lora": self.lora,
                 "parameters": self.report, "rows_per_epoch": self.batches.rows_per_epoch()}

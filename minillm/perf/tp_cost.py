@@ -18,6 +18,7 @@ activations of our fused ops (float32, no attention dropout, two layer norms sav
 """
 from __future__ import annotations
 
+from minillm.distributed.counting import wire_bytes  # noqa: F401  (bytes on the wire, for bench_tp.py)
 from minillm.distributed.tp_layers import padded_length
 
 F32, I64 = 4, 8
@@ -61,12 +62,6 @@ def megatron_comm_bytes(cfg, rows: int, tp: int, sp: bool, micro: int = 1) -> di
     bsh = F32 * rows * cfg.block_size * cfg.n_embd
     n = micro * 4 * cfg.n_layer * bsh
     return {"allgather": n, "reduce_scatter": n} if sp else {"allreduce": n}
-
-
-def wire_bytes(payload: dict, tp: int) -> float:
-    """Bytes one rank sends for these payloads with ring algorithms."""
-    k = {"allreduce": 2.0, "allgather": 1.0, "reduce_scatter": 1.0}
-    return sum(k[op] * (tp - 1) / tp * n for op, n in payload.items())
 
 
 def activation_bytes(cfg, rows: int, tp: int = 1, sp: bool = False) -> int:

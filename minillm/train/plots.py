@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+from minillm.distributed.pipeline_schedule import COMPUTE
 from minillm.errors import UserError
 from minillm.fileio import write_error
 
@@ -12,8 +13,6 @@ def _save(fig, out):
         fig.savefig(out, dpi=110)
     except (OSError, ValueError) as e:  # ValueError: a file name whose extension is no image format
         raise write_error("plot", out, e, "choose another --out") from None
-
-_COMPUTE = ("forward", "backward", "weight")
 
 
 def _figure(**kw):
@@ -90,8 +89,8 @@ def draw_timeline(ax, ranks, title=None, legend=True, xlabel="seconds"):
             chunks = max(chunks, chunk + 1)
             ax.barh(row, e["end"] - e["start"], left=e["start"] - t0, height=0.7,
                     color=_COLORS.get(e["kind"], "grey"), edgecolor="black", linewidth=0.3,
-                    hatch=_HATCHES[chunk % len(_HATCHES)] if e["kind"] in _COMPUTE else "")
-            if e.get("micro") is not None and e["kind"] in _COMPUTE:
+                    hatch=_HATCHES[chunk % len(_HATCHES)] if e["kind"] in COMPUTE else "")
+            if e.get("micro") is not None and e["kind"] in COMPUTE:
                 ax.text((e["start"] + e["end"]) / 2 - t0, row, str(e["micro"]), ha="center",
                         va="center", fontsize=7, color="white")
     ax.set_yticks(range(len(ranks)), [_row_label(i, r) for i, r in enumerate(ranks)])
