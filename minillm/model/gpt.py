@@ -34,10 +34,11 @@ def rope_tables(head_size, positions, base=10000.0, dtype="float32"):
             backend.asarray(numpy.sin(angles).astype(dtype)))
 
 
-@functools.lru_cache(maxsize=64)
-def _rope_cached(device_key, head_size, start, T, dtype, base=10000.0):
-    """rope_tables for positions start..start+T-1, made (and copied to device_key) once."""
-    return rope_tables(head_size, numpy.arange(start, start + T), base=base, dtype=dtype)
+@functools.lru_cache(maxsize=16)
+def _rope_block(device_key, head_size, n, dtype, base=10000.0):
+    """rope_tables for positions 0..n-1 (a whole block), made (and copied to device_key) once:
+    every forward, and every decoded token, slices or gathers its positions from it."""
+    return rope_tables(head_size, numpy.arange(n), base=base, dtype=dtype)
 
 
 class AttentionCore(Module):
@@ -166,12 +167,13 @@ class GPT(Module):
         ``positions`` (B, T), broadcasting over the heads of q, k (B, nh, T, hs)."""
         if self.config.pos != "rope":
             return None
-        if positions is None:  # the same positions for every row: tables made once per device
-            return _rope_cached(backend.device_key(), self.config.head_size, start_pos, T, str(dtype),
-                                self.config.rope_theta)
-        cos, sin = rope_tables(self.config.head_size, positions, base=self.config.rope_theta,
-                               dtype=dtype)                                      # (B, T, hs)
-        return cos[:, None], sin[:, None]                                       # (B, 1, T, hs)
+        c = self.config
+        cos, sin = _rope_block(backend.device_key(), c.head_size, max(c.block_size, start_pos + T),
+                               str(dtype), c.rope_theta)                        # (block_size, hs)
+        if positions is None:  # the same positions for every row
+            return cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]   # (T, hs)
+        at = backend.asarray(positions)                                         # (B, T)
+        return cos[at][:, None], sin[at][:, None]                               # (B, 1, T, hs)
 
     def run_blocks(self, x, start=0, stop=None, rope=None, cache=None, attn_mask=None):
         """Blocks start..stop; ``attn_mask`` (boolean, broadcasting to (B, nh, T, T_all)) is
